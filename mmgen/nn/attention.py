@@ -1,0 +1,128 @@
+"""Multi-head attention, defined once for every model in mmgen.
+
+Self- and cross-attention on `torch.nn.functional.scaled_dot_product_attention` (FlashAttention /
+memory-efficient kernels on GPU when no explicit mask is needed), with causal and key-padding masks,
+rotary positions and a KV cache for incremental decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .positions import RotaryEmbedding
+
+
+class KVCache:
+    """Keys and values of the positions seen so far by one attention layer."""
+
+    def __init__(self):
+        self.keys: torch.Tensor | None = None  # (batch, heads, seq, head_dim)
+        self.values: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions and return keys and values of all positions."""
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention, or cross-attention to a context of width `context_dim` when that is given."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        context_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.is_cross_attention = context_dim is not None
+        if self.is_cross_attention:
+            self.q_proj = nn.Linear(dim, dim, bias=bias)
+            self.kv_proj = nn.Linear(context_dim, 2 * dim, bias=bias)
+        else:
+            self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)  # one matmul for queries, keys and values
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.dropout = dropout
+        self.out_dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        batch, seq, _ = x.shape
+        x = x.view(batch, seq, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return x.unbind(0)  # each (batch, heads, seq, head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rotary: RotaryEmbedding | None = None,
+    ) -> torch.Tensor:
+        """Attend from x (batch, seq, dim) to itself or to `context` (batch, context_seq, context_dim).
+
+        key_padding_mask: bool (batch, key_seq), True marks padding keys that are ignored.
+        attn_mask: bool (True = may attend) or additive float, broadcastable to (batch, heads, seq, key_seq).
+        cache: a KVCache for incremental decoding of self-attention; new positions follow the cached ones.
+        """
+        if self.is_cross_attention:
+            if context is None:
+                raise ValueError("cross-attention needs a context")
+            if cache is not None or rotary is not None or causal:
+                raise ValueError("cross-attention takes no cache, rotary positions or causal mask")
+            (q,) = self._heads(self.q_proj(x), 1)
+            k, v = self._heads(self.kv_proj(context), 2)
+        else:
+            if context is not None:
+                raise ValueError("this is a self-attention layer (built without context_dim); it takes no context")
+            q, k, v = self._heads(self.qkv_proj(x), 3)
+        past = len(cache) if cache is not None else 0
+        if rotary is not None:
+            q, k = rotary(q, k, offset=past)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        mask, is_causal = _combine_masks(q.shape[-2], k.shape[-2], past, causal, key_padding_mask, attn_mask, q.device)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = out.transpose(1, 2).flatten(2)  # (batch, seq, dim)
+        return self.out_dropout(self.out_proj(out))
+
+
+def _combine_masks(query_len, key_len, past, causal, key_padding_mask, attn_mask, device):
+    """One SDPA mask from causal / padding / explicit masks; (None, True) keeps the fused causal kernel."""
+    if causal and past == 0 and key_padding_mask is None and attn_mask is None:
+        return None, query_len > 1
+    mask = None
+    if causal and query_len > 1:
+        # query i sits at absolute position past + i and may see keys 0..past + i
+        mask = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(diagonal=past)
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask.bool()[:, None, None, :]  # (batch, 1, 1, key_seq)
+        mask = keep if mask is None else mask & keep
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            mask = attn_mask if mask is None else mask & attn_mask
+        elif mask is None:
+            mask = attn_mask
+        else:
+            mask = attn_mask.masked_fill(~mask, float("-inf"))
+    return mask, False

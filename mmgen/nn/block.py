@@ -1,0 +1,93 @@
+"""The pre-norm transformer block and a stack of them, shared by GPT, CLIP, the prior and the UNet."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import KVCache, MultiHeadAttention
+from .mlp import MLPKind, make_mlp
+from .norms import NormKind, make_norm
+from .positions import RotaryEmbedding
+
+
+class TransformerBlock(nn.Module):
+    """x + attn(norm(x)) [+ cross_attn(norm(x), context)] + mlp(norm(x)), each residual branch pre-normed."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        mlp: MLPKind = "gelu",
+        norm: NormKind = "layernorm",
+        norm_eps: float = 1e-5,
+        bias: bool = True,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+    ):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm_attn = make_norm(norm, dim, norm_eps, bias)
+        self.attn = MultiHeadAttention(dim, num_heads, bias=bias, dropout=dropout)
+        if context_dim is not None:
+            self.norm_cross = make_norm(norm, dim, norm_eps, bias)
+            self.cross_attn = MultiHeadAttention(dim, num_heads, context_dim=context_dim, bias=bias, dropout=dropout)
+        else:
+            self.cross_attn = None
+        self.norm_mlp = make_norm(norm, dim, norm_eps, bias)
+        self.mlp = make_mlp(mlp, dim, hidden, bias=bias, dropout=dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        context: torch.Tensor | None = None,
+        context_padding_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rotary: RotaryEmbedding | None = None,
+    ) -> torch.Tensor:
+        """x: (batch, seq, dim); context: (batch, context_seq, context_dim) for cross-attention."""
+        x = x + self.attn(
+            self.norm_attn(x),
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            cache=cache,
+            rotary=rotary,
+        )
+        if self.cross_attn is not None and context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, key_padding_mask=context_padding_mask)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class Transformer(nn.Module):
+    """A stack of `num_layers` TransformerBlocks, with optional gradient checkpointing per block."""
+
+    def __init__(self, num_layers: int, dim: int, num_heads: int, *, gradient_checkpointing: bool = False, **block_options):
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, **block_options) for _ in range(num_layers))
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def forward(self, x: torch.Tensor, *, caches: list[KVCache] | None = None, **options) -> torch.Tensor:
+        """Run every block; `caches` holds one KVCache per block for incremental decoding."""
+        for index, block in enumerate(self.blocks):
+            cache = caches[index] if caches is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(_run_block, block, x, cache, options, use_reentrant=False)
+            else:
+                x = block(x, cache=cache, **options)
+        return x
+
+    def new_caches(self) -> list[KVCache]:
+        """Empty KV caches, one per block."""
+        return [KVCache() for _ in self.blocks]
+
+
+def _run_block(block: TransformerBlock, x: torch.Tensor, cache, options: dict) -> torch.Tensor:
+    return block(x, cache=cache, **options)

@@ -1,0 +1,1 @@
+"""Recipes: a config schema plus the code that turns it into datasets, a model and a Trainer run."""

@@ -1,0 +1,108 @@
+"""Language-model recipe: a corpus, a char or BPE tokenizer, a GPT, next-token cross-entropy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+
+from ..data.text import TokenWindows, read_corpus, stack_windows
+from ..errors import ConfigError
+from ..text.gpt import GPT, GPTConfig
+from ..text.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer, load_tokenizer
+from ..training import TrainConfig, Trainer
+from ..training.trainer import process_state
+from .common import check_run_dir, load_recipe_config, write_run_config
+
+
+@dataclass
+class LMDataConfig:
+    """Where the text comes from and how it is tokenized."""
+
+    path: str | None = None  # None: Tiny Shakespeare (../shared/data, the cache, or a download)
+    tokenizer: Literal["char", "bpe"] = "char"
+    vocab_size: int = 1024  # BPE only
+    val_fraction: float = 0.1  # the last fraction of the text is held out
+
+    def __post_init__(self):
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.vocab_size < 257:
+            raise ValueError(f"vocab_size must be > 256 (the byte alphabet), got {self.vocab_size}")
+
+
+@dataclass
+class LMRecipe:
+    """configs/lm-*.yaml: model, data and train sections."""
+
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: LMDataConfig = field(default_factory=LMDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(config_path, overrides: list[str], run_dir: Path, resume: bool) -> LMRecipe:
+    """Validated LMRecipe from a YAML file (or a run's saved config) and dotted overrides."""
+    if any(item.split("=", 1)[0] == "model.vocab_size" for item in overrides):
+        raise ConfigError("model.vocab_size is set by the tokenizer; use data.vocab_size for BPE")
+    return load_recipe_config(LMRecipe, config_path, overrides, run_dir, resume)
+
+
+def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of predicting batch[:, 1:] from batch[:, :-1]."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False):
+    """Train a GPT as `mmgen train lm` does; returns (model, tokenizer)."""
+    from accelerate.utils import set_seed
+
+    run_dir = Path(run_dir)
+    recipe = load_config(config_path, list(overrides), run_dir, resume)
+    state = process_state()
+    check_run_dir(run_dir, resume)
+    state.wait_for_everyone()
+    text = read_corpus(recipe.data.path)
+    if resume and (run_dir / "final" / TOKENIZER_FILE).exists():
+        tokenizer = load_tokenizer(run_dir / "final")
+    elif recipe.data.tokenizer == "char":
+        tokenizer = CharTokenizer.train(text)
+    else:
+        tokenizer = BPETokenizer.train(text, recipe.data.vocab_size)
+    tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    split = int(len(tokens) * (1 - recipe.data.val_fraction))
+    context = recipe.model.context_length
+    train_set = TokenWindows(tokens[:split], context)
+    val_set = TokenWindows(tokens[split:], context)
+    recipe.model = replace(recipe.model, vocab_size=tokenizer.vocab_size)
+    if state.is_main_process:
+        write_run_config(run_dir, recipe)
+    state.wait_for_everyone()
+
+    set_seed(recipe.train.seed)
+    model = GPT(recipe.model)
+    state.print(
+        f"GPT: {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {tokenizer.vocab_size}, "
+        f"{len(tokens):,} tokens ({len(train_set):,} train windows, {len(val_set):,} val)"
+    )
+
+    def save(model, folder: Path) -> None:
+        model.write_pretrained(folder)
+        (folder / TOKENIZER_FILE).write_text(tokenizer.to_json())
+
+    trainer = Trainer(
+        model,
+        recipe.train,
+        run_dir,
+        loss_fn=next_token_loss,
+        train_dataset=train_set,
+        val_dataset=val_set,
+        collate_fn=stack_windows,
+        save_fn=save,
+        tokens_per_sample=context,
+    )
+    model = trainer.fit(resume=resume)
+    return model, tokenizer

@@ -1,0 +1,336 @@
+"""The one Trainer every mmgen model trains with, on Hugging Face Accelerate.
+
+It owns the loop (accumulation, mixed precision, clipping, LR schedule), evaluation, metrics, progress and
+checkpoints; a recipe gives it a model, datasets and a `loss_fn(model, batch) -> loss`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.sampling import FixedBatchSampler, StepBatchSampler
+from ..errors import ConfigError, UserError
+from ..hub import WEIGHTS_NAME, latest_checkpoint, load_weights
+from ..io import atomic_folder
+from .checkpoint import (
+    optimizer_from_files,
+    optimizer_to_files,
+    read_trainer_state,
+    rng_from_file,
+    rng_to_file,
+    write_trainer_state,
+)
+from .metrics import MetricsLogger, truncate_metrics
+from .optim import learning_rate, make_optimizer
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section of every recipe."""
+
+    batch_size: int = 32  # per process and micro-step; global batch = batch_size * grad_accum_steps * processes
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0  # 0 turns clipping off
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    eval_every: int = 250
+    eval_batches: int = 20
+    log_every: int = 10
+    checkpoint_every: int = 1000  # 0: only the final model
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    num_workers: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_workers", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+
+
+def cpu_only_launch() -> bool:
+    """True under torchrun / accelerate launch on a machine without CUDA: Accelerate then needs cpu=True to
+    set up MULTI_CPU (gloo) instead of silently running every process alone."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
+    return launched and not torch.cuda.is_available()
+
+
+def process_state():
+    """Accelerate's PartialState for this process (rank, world size, main-process helpers)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=cpu_only_launch())
+
+
+def default_save(model, folder: Path) -> None:
+    model.write_pretrained(folder)
+
+
+class Trainer:
+    """Trains `model` on `train_dataset` by minimising `loss_fn(model, batch)`; writes everything under run_dir."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        loss_fn: Callable,
+        train_dataset,
+        val_dataset=None,
+        collate_fn: Callable | None = None,
+        evaluate_fn: Callable | None = None,
+        save_fn: Callable = default_save,
+        tokens_per_sample: int | None = None,
+    ):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.loss_fn = loss_fn
+        self.train_dataset = train_dataset
+        self.val_dataset = val_dataset
+        self.collate_fn = collate_fn
+        self.evaluate_fn = evaluate_fn
+        self.save_fn = save_fn
+        self.tokens_per_sample = tokens_per_sample
+        try:
+            self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu_only_launch())
+        except ValueError as error:
+            raise ConfigError(f"train.mixed_precision={config.mixed_precision!r}: {error}") from None
+        self.model = model
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.betas)
+        self.step = 0
+
+    # ------------------------------------------------------------------ data
+    def _train_loader(self) -> DataLoader:
+        accelerator, config = self.accelerator, self.config
+        sampler = StepBatchSampler(
+            len(self.train_dataset),
+            config.batch_size,
+            seed=config.seed,
+            start=self.step * config.grad_accum_steps,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        return self._loader(self.train_dataset, sampler)
+
+    def _loader(self, dataset, sampler) -> DataLoader:
+        workers = self.config.num_workers
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.accelerator.device.type == "cuda",
+            # its own generator: creating a loader must not draw from the global RNG (exact resume needs that)
+            generator=torch.Generator().manual_seed(self.config.seed + self.accelerator.process_index),
+        )
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False):
+        """Train to `max_steps` (continuing from the latest checkpoint when `resume`); return the model."""
+        config, accelerator = self.config, self.accelerator
+        resume_folder = latest_checkpoint(self.run_dir) if resume else None
+        if resume and resume_folder is None:
+            raise UserError(f"--resume: {self.run_dir} has no checkpoints/step-N folder to resume from")
+        if resume_folder is not None:
+            self._load_checkpoint(resume_folder)
+        model, optimizer = accelerator.prepare(self.model, self.optimizer)
+        self.prepared_model = model
+        logger = MetricsLogger(self.run_dir, config.tensorboard) if accelerator.is_main_process else None
+        train_batches = iter(self._train_loader())
+        global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
+        progress = tqdm(
+            total=config.max_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not (config.progress and accelerator.is_main_process),
+            dynamic_ncols=True,
+        )
+        window_loss = torch.zeros((), device=accelerator.device)
+        window_steps, window_start = 0, time.perf_counter()
+        model.train()
+        try:
+            while self.step < config.max_steps:
+                lr = learning_rate(
+                    self.step,
+                    lr=config.lr,
+                    min_lr=config.min_lr,
+                    warmup_steps=config.warmup_steps,
+                    max_steps=config.max_steps,
+                    schedule=config.lr_schedule,
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                for micro_step in range(config.grad_accum_steps):
+                    batch = _to_device(next(train_batches), accelerator.device)
+                    last = micro_step == config.grad_accum_steps - 1
+                    sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        loss = self.loss_fn(model, batch) / config.grad_accum_steps
+                    accelerator.backward(loss)
+                    window_loss += loss.detach()
+                if config.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                window_steps += 1
+                progress.update(1)
+
+                if self.step % config.log_every == 0 or self.step == config.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    train_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
+                    if not math.isfinite(train_loss):
+                        raise UserError(f"training diverged at step {self.step} (loss {train_loss}); lower train.lr")
+                    metrics = {"train/loss": train_loss, "lr": lr}
+                    metrics["throughput/samples_per_s"] = global_batch * window_steps / elapsed
+                    if self.tokens_per_sample:
+                        metrics["throughput/tokens_per_s"] = metrics["throughput/samples_per_s"] * self.tokens_per_sample
+                    postfix = {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}"}
+                    progress.set_postfix(postfix, refresh=False)
+                    if logger:
+                        logger.log(self.step, metrics)
+                    window_loss.zero_()
+                    window_steps, window_start = 0, time.perf_counter()
+
+                if (config.eval_every and self.step % config.eval_every == 0) or self.step == config.max_steps:
+                    metrics = self.evaluate()
+                    if metrics and accelerator.is_main_process:
+                        progress.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                                         if isinstance(v, float)))
+                        if logger:
+                            logger.log(self.step, metrics)
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
+                    self.save_checkpoint()
+                    window_start = time.perf_counter()
+        except KeyboardInterrupt:
+            progress.close()
+            if self.step > 0:
+                self.save_checkpoint()
+            raise UserError(f"interrupted at step {self.step}; continue with --resume {self.run_dir}") from None
+        progress.close()
+        self.save_final()
+        if logger:
+            logger.close()
+        accelerator.wait_for_everyone()
+        return accelerator.unwrap_model(model)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean loss over the fixed validation batches, plus whatever `evaluate_fn` reports."""
+        accelerator, config = self.accelerator, self.config
+        model = self.prepared_model
+        metrics = {}
+        model.eval()
+        if self.val_dataset is not None and len(self.val_dataset):
+            sampler = FixedBatchSampler(
+                len(self.val_dataset),
+                config.batch_size,
+                config.eval_batches,
+                seed=config.seed + 1,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+            )
+            total = torch.zeros((), device=accelerator.device)
+            for batch in self._loader(self.val_dataset, sampler):
+                with accelerator.autocast():
+                    total += self.loss_fn(model, _to_device(batch, accelerator.device)).float()
+            metrics["val/loss"] = accelerator.reduce(total / len(sampler), reduction="mean").item()
+        if self.evaluate_fn is not None:
+            metrics.update(self.evaluate_fn(accelerator.unwrap_model(model), self.step))
+        model.train()
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write RUN_DIR/checkpoints/step-N (model, optimizer, RNG, step) atomically; keep the newest few."""
+        accelerator = self.accelerator
+        folder = self.run_dir / "checkpoints" / f"step-{self.step}"
+        staging = folder.with_name(f".step-{self.step}.tmp")
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.save_fn(accelerator.unwrap_model(self.model), staging)
+            optimizer_to_files(self.optimizer, staging)
+            write_trainer_state(staging, {"step": self.step, "num_processes": accelerator.num_processes})
+        rng_to_file(staging / f"rng-{accelerator.process_index}.safetensors")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+            self._prune_checkpoints()
+        accelerator.wait_for_everyone()
+        return folder
+
+    def _prune_checkpoints(self) -> None:
+        folders = sorted(
+            (int(path.name.split("-")[1]), path)
+            for path in (self.run_dir / "checkpoints").glob("step-*")
+            if path.name.split("-")[1].isdigit()
+        )
+        for _, path in folders[: -self.config.keep_checkpoints]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def save_final(self) -> Path:
+        """Write RUN_DIR/final (config.json + model.safetensors + recipe files) atomically."""
+        folder = self.run_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with atomic_folder(folder) as staging:
+                self.save_fn(self.accelerator.unwrap_model(self.model), staging)
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        state = read_trainer_state(folder)
+        load_weights(self.model, folder / WEIGHTS_NAME)
+        optimizer_from_files(self.optimizer, folder)
+        self.step = state["step"]
+        rng_file = folder / f"rng-{self.accelerator.process_index}.safetensors"
+        if rng_file.exists():
+            rng_from_file(rng_file)
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.run_dir, self.step)
+        self.accelerator.print(f"resuming from {folder} at step {self.step}")
+
+
+def _to_device(batch, device):
+    if device.type == "cpu":
+        return batch
+    from accelerate.utils import send_to_device
+
+    return send_to_device(batch, device, non_blocking=True)

@@ -1,0 +1,84 @@
+"""Config validation: unknown keys, wrong types and bad values name the dotted key."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from mmgen.config import apply_overrides, from_dict, load_yaml
+from mmgen.errors import ConfigError
+from mmgen.recipes.lm import LMRecipe
+
+
+@dataclass
+class Inner:
+    rate: float = 0.1
+    kind: Literal["a", "b"] = "a"
+    pair: tuple[float, float] = (0.9, 0.99)
+
+
+@dataclass
+class Outer:
+    count: int = 1
+    name: str | None = None
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_valid_config_and_conversions():
+    config = from_dict(Outer, {"count": 3, "inner": {"rate": "1e-3", "pair": [0.8, 0.9], "kind": "b"}})
+    assert config.count == 3 and config.inner.rate == 1e-3 and config.inner.pair == (0.8, 0.9)
+    assert config.name is None
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"cuont": 3}, "unknown config key 'cuont'"),
+        ({"inner": {"rat": 1.0}}, "unknown config key 'inner.rat'"),
+        ({"count": "three"}, "'count' expects int"),
+        ({"count": 2.5}, "'count' expects int"),
+        ({"count": True}, "'count' expects int"),
+        ({"inner": {"kind": "c"}}, "'inner.kind' must be one of"),
+        ({"inner": {"pair": [1.0]}}, "'inner.pair' expects 2 values"),
+        ({"inner": 5}, "'inner' must be a mapping"),
+    ],
+)
+def test_bad_configs_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Outer, data)
+
+
+def test_overrides_parse_yaml_scalars_and_create_sections():
+    data = apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=true", "d.e=[1, 2]", "f=hello", "g=1e-3"])
+    assert data == {"a": {"b": 2, "c": True}, "d": {"e": [1, 2]}, "f": "hello", "g": "1e-3"}
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_recipe_value_checks():
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        from_dict(LMRecipe, {"train": {"batch_size": 0}})
+    with pytest.raises(ConfigError, match="val_fraction"):
+        from_dict(LMRecipe, {"data": {"val_fraction": 1.5}})
+    with pytest.raises(ConfigError, match="'model.positions' must be one of"):
+        from_dict(LMRecipe, {"model": {"positions": "sinusoidal"}})
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_yaml(listing)
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    for path in Path(__file__).resolve().parents[1].glob("configs/lm-*.yaml"):
+        from_dict(LMRecipe, load_yaml(path))
