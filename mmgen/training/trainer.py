@@ -92,7 +92,13 @@ def default_save(model, folder: Path) -> None:
 
 
 class Trainer:
-    """Trains `model` on `train_dataset` by minimising `loss_fn(model, batch)`; writes everything under run_dir."""
+    """Trains `model` on `train_dataset` by minimising `loss_fn(model, batch)`; writes everything under run_dir.
+
+    `loss_fn` returns the loss, or (loss, {name: number}) whose numbers are logged with train/loss (averaged over
+    the logging window of this process; names ending in `_total` are counters whose latest value is logged).
+    `evaluate_fn(model, step) -> {name: number}` adds metrics at each evaluation; `save_fn(model, folder)` writes
+    the model folder (default: config.json + model.safetensors).
+    """
 
     def __init__(
         self,
@@ -176,6 +182,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         window_loss = torch.zeros((), device=accelerator.device)
+        window_extras: dict[str, list[float]] = {}
         window_steps, window_start = 0, time.perf_counter()
         model.train()
         try:
@@ -195,7 +202,10 @@ class Trainer:
                     last = micro_step == config.grad_accum_steps - 1
                     sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
                     with sync, accelerator.autocast():
-                        loss = self.loss_fn(model, batch) / config.grad_accum_steps
+                        loss, extras = _split_loss(self.loss_fn(model, batch))
+                        loss = loss / config.grad_accum_steps
+                    for name, value in extras.items():
+                        window_extras.setdefault(name, []).append(float(value))
                     accelerator.backward(loss)
                     window_loss += loss.detach()
                 if config.grad_clip > 0:
@@ -212,6 +222,8 @@ class Trainer:
                     if not math.isfinite(train_loss):
                         raise UserError(f"training diverged at step {self.step} (loss {train_loss}); lower train.lr")
                     metrics = {"train/loss": train_loss, "lr": lr}
+                    metrics.update(_summarise(window_extras))
+                    window_extras = {}
                     metrics["throughput/samples_per_s"] = global_batch * window_steps / elapsed
                     if self.tokens_per_sample:
                         metrics["throughput/tokens_per_s"] = metrics["throughput/samples_per_s"] * self.tokens_per_sample
@@ -265,7 +277,8 @@ class Trainer:
             total = torch.zeros((), device=accelerator.device)
             for batch in self._loader(self.val_dataset, sampler):
                 with accelerator.autocast():
-                    total += self.loss_fn(model, _to_device(batch, accelerator.device)).float()
+                    loss, _ = _split_loss(self.loss_fn(model, _to_device(batch, accelerator.device)))
+                    total += loss.float()
             metrics["val/loss"] = accelerator.reduce(total / len(sampler), reduction="mean").item()
         if self.evaluate_fn is not None:
             metrics.update(self.evaluate_fn(accelerator.unwrap_model(model), self.step))
@@ -326,6 +339,18 @@ class Trainer:
         if self.accelerator.is_main_process:
             truncate_metrics(self.run_dir, self.step)
         self.accelerator.print(f"resuming from {folder} at step {self.step}")
+
+
+def _split_loss(output) -> tuple[torch.Tensor, dict]:
+    """A loss_fn returns the loss, or (loss, {name: number}) with extra metrics to log."""
+    if isinstance(output, tuple):
+        return output[0], output[1]
+    return output, {}
+
+
+def _summarise(extras: dict[str, list[float]]) -> dict[str, float]:
+    """Mean of each extra metric over the logging window; `*_total` counters keep their latest value."""
+    return {name: values[-1] if name.endswith("_total") else sum(values) / len(values) for name, values in extras.items()}
 
 
 def _to_device(batch, device):

@@ -1,0 +1,96 @@
+"""Image loading (any file PIL reads, any mode -> 8-bit RGB) and the train / eval tensor transforms."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from ..errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# name -> (mean, std): "clip" for CLIP towers, "minus_one_to_one" maps [0, 1] to [-1, 1] for diffusion
+NORMALIZATIONS = {
+    "clip": (CLIP_MEAN, CLIP_STD),
+    "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+_WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
+_HIGH_BIT_DEPTH = ("I", "F")  # plus every "I;16..." mode
+
+
+def load_rgb(source) -> Image.Image:
+    """Open an image (path or binary file object), decode it completely and return it as 8-bit RGB.
+
+    Raises what PIL raises for a missing, truncated or undecodable file (OSError and friends)."""
+    with Image.open(source) as image:
+        image.load()  # PIL decodes lazily: force it here so a truncated file fails inside the caller's try
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode: transparency is composited on white, 16/32-bit and float are rescaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and image.has_transparency_data:
+        image = image.convert("RGBA")
+    if image.mode in _WITH_ALPHA:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode in _HIGH_BIT_DEPTH or image.mode.startswith("I;16"):
+        return Image.fromarray(_to_uint8(image), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(image: Image.Image) -> np.ndarray:
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F" and values.size and values.max() <= 1.0:
+        values = values * 255.0  # a float image in [0, 1]
+    elif image.mode != "F" and (image.mode.startswith("I;16") or values.max(initial=0) > 255):
+        values = values / 257.0  # 16-bit range -> 8-bit
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+def _statistics(normalize: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"normalize must be one of {', '.join(map(repr, NORMALIZATIONS))}, got {normalize!r}")
+    return NORMALIZATIONS[normalize]
+
+
+def normalization(normalize: str) -> v2.Normalize:
+    """The Normalize step for `normalize` = "clip" | "minus_one_to_one"."""
+    mean, std = _statistics(normalize)
+    return v2.Normalize(mean, std)
+
+
+def image_transform(
+    image_size: int,
+    *,
+    train: bool,
+    normalize: str = "clip",
+    crop_scale: tuple[float, float] | None = (0.9, 1.0),
+) -> v2.Compose:
+    """PIL RGB -> normalised float tensor (3, image_size, image_size).
+
+    Training: RandomResizedCrop over `crop_scale` of the area (None: no random crop). Eval: Resize + CenterCrop."""
+    if crop_scale is not None and not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+        raise ConfigError(f"crop_scale must satisfy 0 < low <= high <= 1, got {tuple(crop_scale)}")
+    if train and crop_scale is not None:
+        resize = [v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)]
+    else:
+        resize = [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    # resize the uint8 image first: cheaper than resizing floats
+    return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), normalization(normalize)])
+
+
+def tensor_transform(normalize: str = "clip") -> v2.Compose:
+    """PIL RGB -> normalised float tensor at its own size (for images rendered at the right size already)."""
+    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), normalization(normalize)])
+
+
+def denormalize(images: torch.Tensor, normalize: str = "clip") -> torch.Tensor:
+    """Undo `normalization(normalize)`: (..., 3, H, W) normalised -> values in [0, 1] (clamped)."""
+    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device)[:, None, None] for v in _statistics(normalize))
+    return (images * std + mean).clamp(0.0, 1.0)

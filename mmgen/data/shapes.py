@@ -1,0 +1,205 @@
+"""Synthetic image-caption data: one coloured shape on a plain background, e.g. "a small red circle at the top left".
+
+Item i of a split is drawn from a generator seeded by (seed, split, i) and rendered on the fly; nothing is stored.
+Held-out compositions: a fixed seeded ~20% of the shape x colour pairs never appears in the "train" split, and
+the "val" split draws only from them (every size and position occurs in both splits). Every shape and every colour
+still occurs in train, so val measures compositional generalisation: zero-shot classification over the
+shape x colour classes (`class_names()`) and retrieval with captions of unseen combinations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError
+from .images import tensor_transform
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white")
+SIZES = ("small", "large")
+POSITIONS = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)  # a 3x3 grid, row by row
+SPLITS = ("train", "val")
+DEFAULT_SIZES = {"train": 100_000, "val": 1_000}  # items per split (an epoch); all rendered on the fly
+DEFAULT_HELDOUT_FRACTION = 0.2
+
+COLOUR_RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 90, 235),
+    "yellow": (240, 220, 50),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+}
+SIZE_FRACTION = {"small": 0.55, "large": 0.95}  # the shape's extent as a fraction of its grid cell
+
+
+def _star(points: int = 5, inner: float = 0.45) -> list[tuple[float, float]]:
+    angles = [-math.pi / 2 + k * math.pi / points for k in range(2 * points)]
+    return [((1.0 if k % 2 == 0 else inner) * math.cos(a), (1.0 if k % 2 == 0 else inner) * math.sin(a))
+            for k, a in enumerate(angles)]
+
+
+def _cross(arm: float = 0.33) -> list[tuple[float, float]]:
+    a = arm
+    return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+
+
+# outlines in unit coordinates: the shape fills [-1, 1]^2 around its centre (y points down)
+_OUTLINES = {
+    "square": [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)],
+    "triangle": [(0.0, -1.0), (1.0, 0.8), (-1.0, 0.8)],
+    "star": _star(),
+    "cross": _cross(),
+    "diamond": [(0.0, -1.0), (0.7, 0.0), (0.0, 1.0), (-0.7, 0.0)],
+}
+
+
+def class_names() -> list[str]:
+    """The shape x colour classes, e.g. "red circle", in label order (label = shape index * colours + colour index)."""
+    return [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
+
+
+def class_index(shape: str, colour: str) -> int:
+    """The label of a shape x colour pair (its position in `class_names()`)."""
+    return SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
+
+
+def position_phrase(position: str) -> str:
+    """The phrase for a position: "at the top left", "on the left", "in the center", ..."""
+    if position == "center":
+        return "in the center"
+    return ("on the " if position in ("left", "right") else "at the ") + position
+
+
+def caption(attributes: dict) -> str:
+    """The caption of a shape: "a small red circle at the top left"."""
+    a = attributes
+    return f"a {a['size']} {a['colour']} {a['shape']} {position_phrase(a['position'])}"
+
+
+def heldout_pairs(fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0) -> frozenset[tuple[str, str]]:
+    """A seeded ~`fraction` of the (shape, colour) pairs, spread evenly (at most ceil(count / shapes) per shape and
+    ceil(count / colours) per colour) so that every shape and every colour still occurs in train."""
+    if not 0.0 < fraction <= 0.5:
+        raise ConfigError(f"heldout_fraction must lie in (0, 0.5], got {fraction}")
+    pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+    count = max(1, round(fraction * len(pairs)))
+    per_shape, per_colour = math.ceil(count / len(SHAPES)), math.ceil(count / len(COLOURS))
+    chosen: list[tuple[str, str]] = []
+    for index in np.random.default_rng(seed).permutation(len(pairs)):
+        shape, colour = pairs[index]
+        if (sum(s == shape for s, _ in chosen) < per_shape and sum(c == colour for _, c in chosen) < per_colour
+                and len(chosen) < count):
+            chosen.append((shape, colour))
+    return frozenset(chosen)
+
+
+def render(attributes: dict, image_size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
+    """Draw the shape described by `attributes` (shape, colour, size, position) as an RGB image.
+
+    `rng` jitters the background, the exact colour, size, rotation and the place within the grid cell, and adds
+    mild pixel noise; the shape always stays inside its cell, so the caption's position stays true."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    supersample = 4 if image_size <= 128 else 2  # draw large, then downsample: anti-aliased edges
+    canvas_size = image_size * supersample
+    grey = int(rng.integers(15, 70))
+    background = tuple(int(v) for v in np.clip(grey + rng.integers(-8, 9, size=3), 0, 255))
+    canvas = Image.new("RGB", (canvas_size, canvas_size), background)
+
+    cell = canvas_size / 3
+    radius = SIZE_FRACTION[attributes["size"]] * cell * rng.uniform(0.9, 1.0) / 2
+    slack = cell / 2 - radius
+    row, column = divmod(POSITIONS.index(attributes["position"]), 3)
+    centre_x = (column + 0.5) * cell + rng.uniform(-slack, slack)
+    centre_y = (row + 0.5) * cell + rng.uniform(-slack, slack)
+    rgb = np.array(COLOUR_RGB[attributes["colour"]]) + rng.integers(-12, 13, size=3)
+    fill = tuple(int(v) for v in np.clip(rgb, 0, 255))
+    angle = math.radians(rng.uniform(-10.0, 10.0))
+
+    draw = ImageDraw.Draw(canvas)
+    if attributes["shape"] == "circle":
+        draw.ellipse((centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius), fill=fill)
+    else:
+        cos, sin = math.cos(angle), math.sin(angle)
+        outline = [(centre_x + radius * (x * cos - y * sin), centre_y + radius * (x * sin + y * cos))
+                   for x, y in _OUTLINES[attributes["shape"]]]
+        draw.polygon(outline, fill=fill)
+    image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0.0, 3.0, size=(image_size, image_size, 3))
+    return Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8), mode="RGB")
+
+
+class ShapesDataset(Dataset):
+    """`size` items (default DEFAULT_SIZES[split]) {"image": (3, image_size, image_size) float, "caption": str, "label": shape x colour class}.
+
+    Deterministic by (seed, split, index). No random crop or flip: positions are part of the captions, so the
+    only augmentation is the rendering jitter (see `render`)."""
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int | None = None,
+        image_size: int = 64,
+        seed: int = 0,
+        *,
+        normalize: str = "clip",
+        heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
+        heldout_seed: int = 0,
+    ):
+        if split not in SPLITS:
+            raise ConfigError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
+        size = DEFAULT_SIZES[split] if size is None else size
+        if size < 1 or image_size < 8 or seed < 0:
+            raise ConfigError(f"shapes needs size >= 1, image_size >= 8 and seed >= 0, got {size}, {image_size}, {seed}")
+        self.split = split
+        self.size = size
+        self.image_size = image_size
+        self.seed = seed
+        self.heldout = heldout_pairs(heldout_fraction, heldout_seed)
+        all_pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+        self.pairs = [pair for pair in all_pairs if (pair in self.heldout) == (split == "val")]
+        self.transform = tensor_transform(normalize)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _generator(self, index: int) -> np.random.Generator:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} shapes")
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), index])
+
+    def _draw_attributes(self, rng: np.random.Generator) -> dict:
+        shape, colour = self.pairs[rng.integers(len(self.pairs))]
+        return {
+            "shape": shape,
+            "colour": colour,
+            "size": SIZES[rng.integers(len(SIZES))],
+            "position": POSITIONS[rng.integers(len(POSITIONS))],
+        }
+
+    def attributes(self, index: int) -> dict:
+        """Item `index`'s labels: dict(shape=..., colour=..., size=..., position=...), without rendering it."""
+        return self._draw_attributes(self._generator(index))
+
+    def image(self, index: int) -> Image.Image:
+        """Item `index` as a PIL image (the same pixels `__getitem__` turns into a tensor)."""
+        rng = self._generator(index)
+        return render(self._draw_attributes(rng), self.image_size, rng)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self._generator(index)
+        attributes = self._draw_attributes(rng)
+        return {
+            "image": self.transform(render(attributes, self.image_size, rng)),
+            "caption": caption(attributes),
+            "label": class_index(attributes["shape"], attributes["colour"]),
+        }
