@@ -18,6 +18,7 @@ WEIGHTS_NAME = "model.safetensors"
 # model_type in config.json -> "module:Class"; imported only when such a folder is loaded
 MODEL_TYPES: dict[str, str] = {
     "gpt": "mmgen.text.gpt:GPT",
+    "clip": "mmgen.clip.model:CLIP",
 }
 
 
