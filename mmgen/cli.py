@@ -59,6 +59,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
 
 
+# `mmgen train NAME` -> (recipe module in mmgen.recipes, help); each module has train(config, run_dir, overrides, resume)
+TRAIN_COMMANDS = {
+    "lm": "GPT language model (configs/lm-*.yaml)",
+    "clip": "CLIP on image-caption pairs (configs/clip-*.yaml)",
+}
+SAMPLE_HINTS = {
+    "lm": "mmgen sample lm --checkpoint {run}",
+    "clip": "mmgen eval clip --checkpoint {run} --zeroshot-dir shapes --retrieval shapes:val",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `mmgen` argument parser."""
     parser = _Parser(prog="mmgen", description="Train and sample multimodal generative models.", epilog=EPILOG)
@@ -66,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model from a recipe config", epilog=EPILOG)
     train_models = train.add_subparsers(dest="model", required=True, parser_class=_Parser)
-    lm = train_models.add_parser("lm", help="GPT language model (configs/lm-*.yaml)", epilog=EPILOG)
-    _add_train_arguments(lm)
+    for name, help_text in TRAIN_COMMANDS.items():
+        _add_train_arguments(train_models.add_parser(name, help=help_text, epilog=EPILOG))
 
     sample = commands.add_parser("sample", help="generate from a trained model")
     sample_models = sample.add_subparsers(dest="model", required=True, parser_class=_Parser)
@@ -83,11 +94,34 @@ def build_parser() -> argparse.ArgumentParser:
     sample_lm.add_argument("--seed", type=_int, default=0)
     sample_lm.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
 
+    zeroshot = commands.add_parser("zeroshot", help="zero-shot classify images with a CLIP checkpoint")
+    zeroshot.add_argument("--checkpoint", required=True, help="CLIP RUN_DIR or model folder")
+    zeroshot.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,dog,red circle"')
+    zeroshot.add_argument("--template", action="append", dest="templates", help='prompt template with {} (repeatable)')
+    zeroshot.add_argument("--top-k", type=_positive_int, default=5)
+    zeroshot.add_argument("--device", default="cpu")
+    zeroshot.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained model")
+    evaluate_models = evaluate.add_subparsers(dest="model", required=True, parser_class=_Parser)
+    evaluate_clip = evaluate_models.add_parser("clip", help="zero-shot accuracy and retrieval recall of a CLIP")
+    evaluate_clip.add_argument("--checkpoint", required=True)
+    evaluate_clip.add_argument("--zeroshot-dir", help="labelled image folder (one sub-folder per class), or 'shapes'")
+    evaluate_clip.add_argument("--retrieval", help="caption table / shards / 'shapes:val' for image<->text recall")
+    evaluate_clip.add_argument("--template", action="append", dest="templates", help="prompt template with {}")
+    evaluate_clip.add_argument("--max-samples", type=_positive_int, default=5000)
+    evaluate_clip.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate_clip.add_argument("--device", default="cpu")
+
     convert = commands.add_parser("convert", help="convert models from other libraries")
     convert_from = convert.add_subparsers(dest="source", required=True, parser_class=_Parser)
     gpt2 = convert_from.add_parser("gpt2", help="a transformers GPT-2 folder -> mmgen GPT folder")
     gpt2.add_argument("--model", required=True, help="folder written by GPT2LMHeadModel.save_pretrained")
     gpt2.add_argument("--out", required=True)
+    open_clip_parser = convert_from.add_parser("open-clip", help="an open_clip model -> mmgen CLIP folder")
+    open_clip_parser.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32")
+    open_clip_parser.add_argument("--pretrained", help="a local checkpoint FILE or an open_clip tag (needs internet)")
+    open_clip_parser.add_argument("--out", required=True)
     return parser
 
 
@@ -99,11 +133,12 @@ def run_train(args) -> None:
     run_dir = args.resume or args.out
     if run_dir is None:
         raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
-    if args.model == "lm":
-        from .recipes import lm
+    import importlib
 
-        lm.train(args.config, run_dir, args.overrides, resume=bool(args.resume))
-        _on_main_process(f"model written to {Path(run_dir) / 'final'}; try: mmgen sample lm --checkpoint {run_dir}")
+    recipe = importlib.import_module(f".recipes.{args.model}", __package__)
+    recipe.train(args.config, run_dir, args.overrides, resume=bool(args.resume))
+    hint = SAMPLE_HINTS[args.model].format(run=run_dir)
+    _on_main_process(f"model written to {Path(run_dir) / 'final'}; try: {hint}")
 
 
 def _on_main_process(message: str) -> None:
@@ -132,7 +167,42 @@ def run_sample(args) -> None:
         print("\n---------------\n".join(texts))
 
 
+def run_zeroshot(args) -> None:
+    from .recipes.clip_eval import zeroshot_files
+
+    class_names = [name.strip() for name in args.classes.split(",")]
+    failures = 0
+    for path, result in zeroshot_files(args.checkpoint, class_names, args.images, templates=args.templates,
+                                       top_k=args.top_k, device=args.device):
+        if isinstance(result, str):
+            failures += 1
+            print(f"mmgen: error: {path}: {result}", file=sys.stderr)
+            continue
+        print(f"{path}: " + ", ".join(f"{name} {probability:.3f}" for name, probability in result))
+    if failures:
+        raise UserError(f"{failures} image(s) could not be read")
+
+
+def run_eval(args) -> None:
+    import json
+
+    from .recipes.clip_eval import evaluate
+
+    metrics = evaluate(args.checkpoint, zeroshot=args.zeroshot_dir, retrieval=args.retrieval, templates=args.templates,
+                       max_samples=args.max_samples, device=args.device)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for name, value in metrics.items():
+            print(f"{name:16s} {100 * value:6.2f}%")
+
+
 def run_convert(args) -> None:
+    if args.source == "open-clip":
+        from .clip.open_clip_interop import convert_open_clip
+
+        convert_open_clip(args.model, args.pretrained, args.out)
+        print(f"wrote {args.out}")
     if args.source == "gpt2":
         from .text.hf_gpt2 import convert_gpt2_folder
 
@@ -146,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_request:  # --help, or a one-line argument error
         return exit_request.code if isinstance(exit_request.code, int) else 1
-    handlers = {"train": run_train, "sample": run_sample, "convert": run_convert}
+    handlers = {"train": run_train, "sample": run_sample, "zeroshot": run_zeroshot, "eval": run_eval,
+                "convert": run_convert}
     try:
         handlers[args.command](args)
     except UserError as error:

@@ -19,6 +19,7 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPES: dict[str, str] = {
     "gpt": "mmgen.text.gpt:GPT",
     "clip": "mmgen.clip.model:CLIP",
+    "unet": "mmgen.diffusion.unet:UNet",
 }
 
 

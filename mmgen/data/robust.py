@@ -54,18 +54,62 @@ def load_sample(image_source, caption, transform: Callable, *, source: str, labe
     return item
 
 
+class ReplaceBadSamples(torch.utils.data.Dataset):
+    """Map-style wrapper keeping batches full: a bad item is replaced by the next good one (index + 1, + 2 ...).
+
+    The replaced samples travel with the good item (`item["skipped"]`) so the collate still counts them; equal
+    batch sizes on every process are what the gathered contrastive loss needs."""
+
+    def __init__(self, dataset, max_tries: int = 32):
+        self.dataset = dataset
+        self.max_tries = max_tries
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        skipped = []
+        for offset in range(min(self.max_tries, len(self.dataset))):
+            item = self.dataset[(index + offset) % len(self.dataset)]
+            if isinstance(item, dict):
+                return {**item, "skipped": skipped} if skipped else item
+            skipped.append(str(item) if item is not None else "unknown sample (None)")
+        raise UserError(f"{len(skipped)} consecutive samples are unreadable, e.g. {', '.join(skipped[:MAX_EXAMPLES])}")
+
+
+class SkipBadSamplesInStream(torch.utils.data.IterableDataset):
+    """Streaming counterpart of ReplaceBadSamples: bad items are dropped and ride along with the next good item."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        skipped = []
+        for item in self.dataset:
+            if isinstance(item, dict):
+                yield {**item, "skipped": skipped} if skipped else item
+                skipped = []
+            else:
+                skipped.append(str(item) if item is not None else "unknown sample (None)")
+
+
 def collate_captions(batch: list) -> dict:
-    """Stack the usable items of a batch; BadSample / None items are dropped and counted.
+    """Stack the usable items of a batch; BadSample / None items, and the ones replaced, are dropped and counted.
 
     Returns {"images": (B, 3, H, W) float, "captions": list[str], "labels": (B,) long (only when every item has
     one), "skipped": int, "skipped_examples": list[str]}. B may be smaller than the batch, or 0."""
     items = [item for item in batch if isinstance(item, dict)]
-    bad = [item for item in batch if not isinstance(item, dict)]
+    bad = [str(item) if item is not None else "unknown sample (None)" for item in batch if not isinstance(item, dict)]
+    bad += [example for item in items for example in item.get("skipped", ())]
     collated = {
         "images": torch.stack([item["image"] for item in items]) if items else torch.empty(0, 3, 0, 0),
         "captions": [item["caption"] for item in items],
         "skipped": len(bad),
-        "skipped_examples": [str(item) if item is not None else "unknown sample (None)" for item in bad[:MAX_EXAMPLES]],
+        "skipped_examples": bad[:MAX_EXAMPLES],
     }
     if items and all("label" in item for item in items):
         collated["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)

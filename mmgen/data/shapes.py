@@ -80,10 +80,23 @@ def position_phrase(position: str) -> str:
     return ("on the " if position in ("left", "right") else "at the ") + position
 
 
-def caption(attributes: dict) -> str:
-    """The caption of a shape: "a small red circle at the top left"."""
+def caption(attributes: dict, omit: tuple[str, ...] = ()) -> str:
+    """The caption of a shape, "a small red circle at the top left", leaving out the attributes in `omit`."""
     a = attributes
-    return f"a {a['size']} {a['colour']} {a['shape']} {position_phrase(a['position'])}"
+    words = ["a"]
+    if "size" not in omit:
+        words.append(a["size"])
+    if "colour" not in omit:
+        words.append(a["colour"])
+    words.append("shape" if "shape" in omit else a["shape"])
+    if "position" not in omit:
+        words.append(position_phrase(a["position"]))
+    return " ".join(words)
+
+
+# partial captions name a subset of the attributes, like real captions do; learning that "a red shape" and
+# "a circle" both describe a red circle is what lets CLIP recognise colour/shape pairs it never saw together
+PARTIAL_CAPTIONS = (("position",), ("size",), ("size", "position"), ("shape",), ("colour",))
 
 
 def heldout_pairs(fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0) -> frozenset[tuple[str, str]]:
@@ -154,6 +167,7 @@ class ShapesDataset(Dataset):
         normalize: str = "clip",
         heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
         heldout_seed: int = 0,
+        partial_captions: float | None = None,
     ):
         if split not in SPLITS:
             raise ConfigError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -168,6 +182,10 @@ class ShapesDataset(Dataset):
         all_pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
         self.pairs = [pair for pair in all_pairs if (pair in self.heldout) == (split == "val")]
         self.transform = tensor_transform(normalize)
+        # default: half the training captions are partial; evaluation captions are always complete
+        self.partial_captions = (0.5 if split == "train" else 0.0) if partial_captions is None else partial_captions
+        if not 0.0 <= self.partial_captions <= 1.0:
+            raise ConfigError(f"partial_captions must lie in [0, 1], got {self.partial_captions}")
 
     def __len__(self) -> int:
         return self.size
@@ -195,11 +213,19 @@ class ShapesDataset(Dataset):
         rng = self._generator(index)
         return render(self._draw_attributes(rng), self.image_size, rng)
 
+    def caption(self, index: int) -> str:
+        """Item `index`'s caption: complete, or (with probability `partial_captions`) naming only some attributes."""
+        attributes = self.attributes(index)
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1])
+        if rng.random() < self.partial_captions:
+            return caption(attributes, PARTIAL_CAPTIONS[rng.integers(len(PARTIAL_CAPTIONS))])
+        return caption(attributes)
+
     def __getitem__(self, index: int) -> dict:
         rng = self._generator(index)
         attributes = self._draw_attributes(rng)
         return {
             "image": self.transform(render(attributes, self.image_size, rng)),
-            "caption": caption(attributes),
+            "caption": self.caption(index),
             "label": class_index(attributes["shape"], attributes["colour"]),
         }

@@ -5,6 +5,7 @@ from .block import Transformer, TransformerBlock
 from .mlp import MLP, SwiGLU, make_mlp
 from .norms import RMSNorm, make_norm
 from .positions import LearnedPositions, RotaryEmbedding
+from .timestep import TimestepEmbedding, timestep_embedding
 
 __all__ = [
     "KVCache",
@@ -14,8 +15,10 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "SwiGLU",
+    "TimestepEmbedding",
     "Transformer",
     "TransformerBlock",
     "make_mlp",
     "make_norm",
+    "timestep_embedding",
 ]

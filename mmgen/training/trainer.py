@@ -7,6 +7,7 @@ checkpoints; a recipe gives it a model, datasets and a `loss_fn(model, batch) ->
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from ..data.sampling import FixedBatchSampler, StepBatchSampler
@@ -134,23 +135,57 @@ class Trainer:
         self.step = 0
 
     # ------------------------------------------------------------------ data
-    def _train_loader(self) -> DataLoader:
+    def _train_batches(self):
+        """Endless iterator over this process's training batches, starting where step `self.step` left off."""
         accelerator, config = self.accelerator, self.config
+        first_batch = self.step * config.grad_accum_steps
+        if isinstance(self.train_dataset, IterableDataset):
+            # a stream splits itself across processes and workers; resuming skips the batches already seen
+            return itertools.islice(self._endless_stream(), first_batch, None)
         sampler = StepBatchSampler(
             len(self.train_dataset),
             config.batch_size,
             seed=config.seed,
-            start=self.step * config.grad_accum_steps,
+            start=first_batch,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-        return self._loader(self.train_dataset, sampler)
+        return iter(self._loader(self.train_dataset, sampler))
+
+    def _endless_stream(self):
+        loader = self._loader(self.train_dataset, None)
+        for epoch in itertools.count():
+            if hasattr(self.train_dataset, "set_epoch"):
+                self.train_dataset.set_epoch(epoch)
+            batches = 0
+            for batch in loader:
+                batches += 1
+                yield batch
+            if batches == 0:
+                raise UserError("the training stream yielded no complete batch (fewer samples than train.batch_size)")
+
+    def _val_batches(self):
+        accelerator, config = self.accelerator, self.config
+        if isinstance(self.val_dataset, IterableDataset):
+            return itertools.islice(self._loader(self.val_dataset, None), config.eval_batches)
+        sampler = FixedBatchSampler(
+            len(self.val_dataset),
+            config.batch_size,
+            config.eval_batches,
+            seed=config.seed + 1,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        return self._loader(self.val_dataset, sampler)
 
     def _loader(self, dataset, sampler) -> DataLoader:
+        """A DataLoader over `sampler`'s index batches, or over fixed-size batches of a stream (sampler None)."""
         workers = self.config.num_workers
+        batching = {"batch_sampler": sampler} if sampler is not None else {"batch_size": self.config.batch_size,
+                                                                          "drop_last": True}
         return DataLoader(
             dataset,
-            batch_sampler=sampler,
+            **batching,
             collate_fn=self.collate_fn,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -171,7 +206,7 @@ class Trainer:
         model, optimizer = accelerator.prepare(self.model, self.optimizer)
         self.prepared_model = model
         logger = MetricsLogger(self.run_dir, config.tensorboard) if accelerator.is_main_process else None
-        train_batches = iter(self._train_loader())
+        train_batches = self._train_batches()
         global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
         progress = tqdm(
             total=config.max_steps,
@@ -265,21 +300,16 @@ class Trainer:
         model = self.prepared_model
         metrics = {}
         model.eval()
-        if self.val_dataset is not None and len(self.val_dataset):
-            sampler = FixedBatchSampler(
-                len(self.val_dataset),
-                config.batch_size,
-                config.eval_batches,
-                seed=config.seed + 1,
-                rank=accelerator.process_index,
-                world_size=accelerator.num_processes,
-            )
+        if self.val_dataset is not None:
             total = torch.zeros((), device=accelerator.device)
-            for batch in self._loader(self.val_dataset, sampler):
+            count = 0
+            for batch in self._val_batches():
                 with accelerator.autocast():
                     loss, _ = _split_loss(self.loss_fn(model, _to_device(batch, accelerator.device)))
-                    total += loss.float()
-            metrics["val/loss"] = accelerator.reduce(total / len(sampler), reduction="mean").item()
+                total += loss.float()
+                count += 1
+            if count:
+                metrics["val/loss"] = accelerator.reduce(total / count, reduction="mean").item()
         if self.evaluate_fn is not None:
             metrics.update(self.evaluate_fn(accelerator.unwrap_model(model), self.step))
         model.train()

@@ -34,7 +34,7 @@ def test_same_seed_same_pixels_and_different_items_differ():
 
 
 def test_items_are_tensors_with_captions_and_labels_that_match_their_attributes():
-    dataset = ShapesDataset("train", 300, 48, seed=3)
+    dataset = ShapesDataset("train", 300, 48, seed=3, partial_captions=0.0)
     for index in np.random.default_rng(1).choice(300, size=6, replace=False).tolist():
         item, attributes = dataset[index], dataset.attributes(index)
         assert item["image"].shape == (3, 48, 48) and item["image"].dtype == torch.float32
@@ -134,3 +134,19 @@ def test_bad_arguments_are_config_errors():
         ShapesDataset(heldout_fraction=0.9)
     with pytest.raises(IndexError):
         ShapesDataset(size=3)[3]
+
+
+def test_partial_captions_name_a_subset_of_the_attributes():
+    from mmgen.data.shapes import PARTIAL_CAPTIONS
+
+    train = ShapesDataset("train", 400, 16, seed=0)
+    captions = [train.caption(index) for index in range(400)]
+    full = [caption(train.attributes(index)) for index in range(400)]
+    partial = [index for index in range(400) if captions[index] != full[index]]
+    assert 0.4 < len(partial) / 400 < 0.6  # half of the training captions by default
+    forms = {caption(train.attributes(index), omit) for index in partial for omit in PARTIAL_CAPTIONS}
+    assert all(captions[index] in forms for index in partial)
+    assert any(captions[index].endswith("shape") or " shape " in captions[index] for index in partial)
+    assert any(len(captions[index].split()) == 3 for index in partial)  # "a red circle"
+    val = ShapesDataset("val", 50, 16, seed=0)
+    assert all(val.caption(index) == caption(val.attributes(index)) for index in range(50))  # complete in val

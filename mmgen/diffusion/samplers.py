@@ -1,0 +1,225 @@
+"""Reverse-process samplers (ancestral DDPM, DDIM) and a sampling loop; they work with any network's output.
+
+Each sampler follows diffusers' DDPMScheduler / DDIMScheduler step for step (the tests check it), except for
+two diffusers quirks that are deliberately not copied:
+- DDIM steps to the next timestep of its own schedule; diffusers steps to t - num_train_timesteps // steps,
+  which is not the next timestep for "linspace" or non-dividing "trailing" spacing (diffusers issue #12633).
+- DDPM adds no noise on the last step, which lands on x0; diffusers adds it whenever t > 0, which with
+  fixed_large and "trailing" spacing leaves visible noise (std sqrt(1 - alpha_bar_99)) in the final sample.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .schedule import NoiseSchedule
+
+TimestepSpacing = Literal["leading", "trailing", "linspace"]
+
+
+def inference_timesteps(
+    num_train_timesteps: int, num_inference_steps: int, spacing: TimestepSpacing = "leading", steps_offset: int = 0
+) -> torch.Tensor:
+    """Descending int64 timesteps for `num_inference_steps` steps (spacings of Lin et al. 2023, Table 2)."""
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be between 1 and num_train_timesteps ({num_train_timesteps}), "
+            f"got {num_inference_steps}"
+        )
+    if spacing == "linspace":
+        timesteps = np.linspace(0, num_train_timesteps - 1, num_inference_steps).round()[::-1]
+    elif spacing == "leading":
+        timesteps = np.arange(num_inference_steps)[::-1] * (num_train_timesteps // num_inference_steps) + steps_offset
+    elif spacing == "trailing":
+        timesteps = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_inference_steps)) - 1
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r} (expected leading, trailing or linspace)")
+    if timesteps[0] >= num_train_timesteps:
+        raise ValueError(
+            f"steps_offset {steps_offset} puts timestep {int(timesteps[0])} past the last one "
+            f"({num_train_timesteps - 1})"
+        )
+    return torch.from_numpy(timesteps.astype(np.int64))
+
+
+def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Imagen's dynamic thresholding (Saharia et al. 2022), per sample: x0 -> clamp(x0, -s, s) / s,
+
+    with s = quantile(|x0|, ratio) clamped to [1, max_value].
+    """
+    flat = x0.float().flatten(1)  # (batch, values)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value)[:, None]
+    return (flat.clamp(-s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+class Sampler:
+    """What DDPM and DDIM share: the inference timesteps, each one's predecessor and the clipped x0 prediction."""
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        *,
+        clip_sample: bool = False,
+        clip_sample_range: float = 1.0,
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        timestep_spacing: TimestepSpacing = "leading",
+        steps_offset: int = 0,
+    ):
+        if clip_sample and thresholding:
+            raise ValueError("choose clip_sample or thresholding, not both")
+        if clip_sample_range <= 0:
+            raise ValueError(f"clip_sample_range must be positive, got {clip_sample_range}")
+        if not 0 < dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
+        if sample_max_value < 1:
+            raise ValueError(f"sample_max_value must be at least 1, got {sample_max_value}")
+        if timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"unknown timestep_spacing {timestep_spacing!r} (expected leading, trailing or linspace)")
+        if steps_offset < 0:
+            raise ValueError(f"steps_offset must not be negative, got {steps_offset}")
+        self.schedule = schedule
+        self.clip_sample = clip_sample
+        self.clip_sample_range = clip_sample_range
+        self.thresholding = thresholding
+        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
+        self.sample_max_value = sample_max_value
+        self.timestep_spacing = timestep_spacing
+        self.steps_offset = steps_offset
+        self.timesteps: torch.Tensor | None = None
+        self._previous: dict[int, int] = {}
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose the `num_inference_steps` timesteps that sampling will visit, into `timesteps`."""
+        self.timesteps = inference_timesteps(
+            self.schedule.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
+        )
+        visited = self.timesteps.tolist()
+        self._previous = dict(zip(visited, visited[1:] + [-1]))  # -1: the step lands on x0
+
+    def previous_timestep(self, t) -> int:
+        """The timestep a step from t lands on; -1 for the last step."""
+        if self.timesteps is None:
+            raise ValueError("call set_timesteps(num_inference_steps) before step")
+        if int(t) not in self._previous:
+            raise ValueError(f"timestep {int(t)} is not one of the sampler's timesteps; call set_timesteps again")
+        return self._previous[int(t)]
+
+    def denoised(self, model_output: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
+        """The x0 prediction, thresholded or clipped as configured."""
+        x0 = self.schedule.predict_x0(model_output, x_t, t)
+        if self.thresholding:
+            return dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        if self.clip_sample:
+            return x0.clamp(-self.clip_sample_range, self.clip_sample_range)
+        return x0
+
+
+def _gaussian_like(x: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None) -> torch.Tensor:
+    """`noise` when given, else a standard normal draw from `generator` (on its device, then moved to x's)."""
+    if noise is not None:
+        if noise.shape != x.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, the sample {tuple(x.shape)}")
+        return noise
+    return standard_normal(x.shape, generator, x.device, x.dtype)
+
+
+def standard_normal(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """A standard normal draw from `generator` (made on the generator's device, then moved to `device`)."""
+    draw_on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
+class DDPMSampler(Sampler):
+    """Ancestral sampling of Ho et al. 2020, over any subset of the training timesteps."""
+
+    def __init__(
+        self, schedule: NoiseSchedule, variance_type: Literal["fixed_small", "fixed_large"] = "fixed_small", **options
+    ):
+        super().__init__(schedule, **options)
+        if variance_type not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"unknown variance_type {variance_type!r} (expected fixed_small or fixed_large)")
+        self.variance_type = variance_type
+
+    def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        """A draw of q(x_prev | x_t, x0 = denoised); `noise` (else a draw from `generator`) is its normal part."""
+        t = int(t)
+        prev = self.previous_timestep(t)
+        alpha_bar = self.schedule.alphas_cumprod[t]
+        alpha_bar_prev = self.schedule.alphas_cumprod[prev] if prev >= 0 else torch.tensor(1.0)
+        beta_bar, beta_bar_prev = 1 - alpha_bar, 1 - alpha_bar_prev
+        alpha_step = alpha_bar / alpha_bar_prev  # the alpha of the whole jump t -> prev
+        beta_step = 1 - alpha_step
+        x0 = self.denoised(model_output, t, x_t)
+        # posterior mean, Ho et al. eq. 7
+        mean = (alpha_bar_prev**0.5 * beta_step / beta_bar) * x0 + (alpha_step**0.5 * beta_bar_prev / beta_bar) * x_t
+        if prev < 0:
+            return mean
+        # fixed_small: the posterior variance beta~; fixed_large: beta (an upper bound, Ho et al. section 3.2)
+        variance = beta_step if self.variance_type == "fixed_large" else beta_bar_prev / beta_bar * beta_step
+        return mean + variance**0.5 * _gaussian_like(x_t, generator, noise)
+
+
+class DDIMSampler(Sampler):
+    """DDIM (Song et al. 2021): deterministic for eta = 0, as stochastic as DDPM's fixed_small for eta = 1."""
+
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, set_alpha_to_one: bool = True, **options):
+        super().__init__(schedule, **options)
+        if eta < 0:
+            raise ValueError(f"eta must not be negative, got {eta}")
+        self.eta = eta
+        # alpha_bar after the last step: exactly 1 (a clean x0) or that of timestep 0 (Stable Diffusion's choice)
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else schedule.alphas_cumprod[0]
+
+    def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        """x_prev = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - sigma^2) eps + sigma * noise (when eta > 0)."""
+        t = int(t)
+        prev = self.previous_timestep(t)
+        alpha_bar = self.schedule.alphas_cumprod[t]
+        alpha_bar_prev = self.schedule.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
+        # epsilon comes from the unclipped prediction, as in diffusers' default (use_clipped_model_output=False)
+        epsilon = self.schedule.predict_epsilon(model_output, x_t, t)
+        x0 = self.denoised(model_output, t, x_t)
+        variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
+        sigma = self.eta * variance**0.5
+        x_prev = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - sigma**2) ** 0.5 * epsilon
+        if self.eta > 0:
+            x_prev = x_prev + sigma * _gaussian_like(x_t, generator, noise)
+        return x_prev
+
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def sample_loop(
+    model_fn: ModelFn,
+    sampler: Sampler,
+    shape: tuple[int, ...],
+    *,
+    num_inference_steps: int,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    x_T: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Denoise x_T (standard normal noise of `shape` when not given) and return the sample.
+
+    model_fn(x_t, t) gets t as an int64 tensor (batch,) on x_t's device and returns the network's output.
+    """
+    sampler.set_timesteps(num_inference_steps)
+    if x_T is None:
+        x = standard_normal(shape, generator, device)
+    elif tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)}, expected {tuple(shape)}")
+    else:
+        x = x_T
+    for t in tqdm(sampler.timesteps.tolist(), desc="sampling", disable=not progress, leave=False):
+        model_output = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device))
+        x = sampler.step(model_output, t, x, generator=generator)
+    return x

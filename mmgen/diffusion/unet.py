@@ -1,0 +1,228 @@
+"""The denoising UNet (Ho et al. 2020; Dhariwal & Nichol 2021): residual levels, skips, and attention from mmgen.nn.
+
+Conditioning: the timestep (always), a pooled vector added to the timestep embedding (`pooled_dim`, e.g. a
+CLIP text or image embedding), and a token sequence attended to by cross-attention (`context_dim`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..hub import PretrainedMixin
+from ..nn import TimestepEmbedding
+from .blocks import Downsample, ResidualBlock, SpatialTransformer, Upsample
+
+
+@dataclass
+class UNetConfig:
+    """Shape of a UNet: level i has base_channels * channel_multipliers[i] channels, attention if attention_levels[i].
+
+    context_dim: width of the token states cross-attended to (None: no cross-attention); pooled_dim: width of a
+    pooled vector added to the timestep embedding (None: none).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base_channels: int = 64
+    channel_multipliers: tuple[int, ...] = (1, 2, 2)
+    blocks_per_level: int = 2
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_heads: int = 4
+    context_dim: int | None = None
+    pooled_dim: int | None = None
+    dropout: float = 0.0
+    groups: int = 32
+    scale_shift_norm: bool = True
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        self.channel_multipliers = tuple(self.channel_multipliers)
+        self.attention_levels = tuple(self.attention_levels)
+        for name in ("in_channels", "out_channels", "base_channels", "blocks_per_level", "num_heads", "groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("context_dim", "pooled_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive or None, got {getattr(self, name)}")
+        if not self.channel_multipliers or min(self.channel_multipliers) < 1:
+            raise ValueError(f"channel_multipliers must be positive integers, got {self.channel_multipliers}")
+        if len(self.attention_levels) != len(self.channel_multipliers):
+            raise ValueError(
+                f"attention_levels has {len(self.attention_levels)} entries, "
+                f"channel_multipliers {len(self.channel_multipliers)}: give one per level"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        widths = [self.base_channels * multiplier for multiplier in (1, *self.channel_multipliers)]
+        if any(width % self.groups for width in widths):
+            raise ValueError(f"groups {self.groups} must divide every level's channels {widths}")
+        # the middle block always attends, at the deepest level's width
+        attended = [w for w, attends in zip(widths[1:], self.attention_levels) if attends] + [widths[-1]]
+        if any(width % self.num_heads for width in attended):
+            raise ValueError(f"num_heads {self.num_heads} must divide the channels of every attention level {attended}")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the timestep (+ pooled) conditioning vector."""
+        return 4 * self.base_channels
+
+
+class UNetStage(nn.Module):
+    """A residual block, followed by a spatial transformer at attention levels."""
+
+    def __init__(self, residual: ResidualBlock, attention: SpatialTransformer | None):
+        super().__init__()
+        self.residual = residual
+        self.attention = attention
+
+    def forward(self, x, embedding, context=None, context_padding_mask=None) -> torch.Tensor:
+        x = self.residual(x, embedding)
+        if self.attention is not None:
+            x = self.attention(x, context, context_padding_mask)
+        return x
+
+
+class UNetLevel(nn.Module):
+    """The stages of one resolution level and the down- or up-sampling that follows them (None at the ends)."""
+
+    def __init__(self, stages: list[UNetStage], resample: nn.Module | None):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.resample = resample
+
+
+class UNet(nn.Module, PretrainedMixin):
+    """forward(x, t, context, context_padding_mask, pooled) -> the prediction (epsilon, x0 or v), shaped like x."""
+
+    model_type = "unet"
+    config_class = UNetConfig
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        embedding_dim = config.embedding_dim
+        self.time_embedding = TimestepEmbedding(config.base_channels, embedding_dim)
+        self.pooled_proj = nn.Linear(config.pooled_dim, embedding_dim) if config.pooled_dim is not None else None
+        self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
+
+        widths = [config.base_channels * multiplier for multiplier in config.channel_multipliers]
+        channels = config.base_channels
+        skip_channels = [channels]  # the width of every tensor the down path hands to the up path
+        self.down_levels = nn.ModuleList()
+        for level, width in enumerate(widths):
+            stages = []
+            for _ in range(config.blocks_per_level):
+                stages.append(self._stage(channels, width, config.attention_levels[level]))
+                channels = width
+                skip_channels.append(channels)
+            is_last = level == len(widths) - 1
+            if not is_last:
+                skip_channels.append(channels)
+            self.down_levels.append(UNetLevel(stages, None if is_last else Downsample(channels)))
+
+        self.mid_stage = self._stage(channels, channels, attention=True)
+        self.mid_residual = self._residual(channels, channels)
+
+        self.up_levels = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            stages = []
+            for _ in range(config.blocks_per_level + 1):
+                in_channels = channels + skip_channels.pop()  # the skip is concatenated to the input
+                stages.append(self._stage(in_channels, widths[level], config.attention_levels[level]))
+                channels = widths[level]
+            self.up_levels.append(UNetLevel(stages, Upsample(channels) if level > 0 else None))
+
+        self.norm_out = nn.GroupNorm(config.groups, channels)
+        self.conv_out = nn.Conv2d(channels, config.out_channels, 3, padding=1)
+        # a fresh model predicts zero: the common start for diffusion training
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def _residual(self, in_channels: int, out_channels: int) -> ResidualBlock:
+        config = self.config
+        return ResidualBlock(
+            in_channels,
+            out_channels,
+            config.embedding_dim,
+            groups=config.groups,
+            dropout=config.dropout,
+            scale_shift_norm=config.scale_shift_norm,
+        )
+
+    def _stage(self, in_channels: int, out_channels: int, attention: bool) -> UNetStage:
+        config = self.config
+        transformer = None
+        if attention:
+            transformer = SpatialTransformer(
+                out_channels,
+                config.num_heads,
+                context_dim=config.context_dim,
+                groups=config.groups,
+                dropout=config.dropout,
+            )
+        return UNetStage(self._residual(in_channels, out_channels), transformer)
+
+    def _run(self, module: nn.Module, *inputs) -> torch.Tensor:
+        if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *inputs, use_reentrant=False)
+        return module(*inputs)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_padding_mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x (batch, in_channels, height, width), t (batch,) or a scalar -> (batch, out_channels, height, width).
+
+        context (batch, tokens, context_dim) with context_padding_mask (batch, tokens), True = padding token;
+        pooled (batch, pooled_dim). Either may be None for an unconditional prediction.
+        """
+        self._check_inputs(x, context, pooled)
+        t = torch.as_tensor(t, device=x.device)
+        embedding = self.time_embedding(t.expand(x.shape[0]) if t.ndim == 0 else t)
+        if pooled is not None:
+            embedding = embedding + self.pooled_proj(pooled)
+        conditioning = (embedding, context, context_padding_mask)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for level in self.down_levels:
+            for stage in level.stages:
+                h = self._run(stage, h, *conditioning)
+                skips.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                skips.append(h)
+        h = self._run(self.mid_stage, h, *conditioning)
+        h = self._run(self.mid_residual, h, embedding)
+        for level in self.up_levels:
+            for stage in level.stages:
+                h = torch.cat([h, skips.pop()], dim=1)  # (batch, channels + skip channels, height, width)
+                h = self._run(stage, h, *conditioning)
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, pooled: torch.Tensor | None) -> None:
+        config = self.config
+        if x.ndim != 4 or x.shape[1] != config.in_channels:
+            raise ValueError(f"expected x of shape (batch, {config.in_channels}, height, width), got {tuple(x.shape)}")
+        factor = 2 ** (len(config.channel_multipliers) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"height and width must be multiples of {factor}, got {x.shape[2]}x{x.shape[3]}")
+        if context is not None and config.context_dim is None:
+            raise ValueError("this UNet has no cross-attention (context_dim is None); it takes no context")
+        if context is not None and context.shape[-1] != config.context_dim:
+            raise ValueError(f"context width {context.shape[-1]} differs from context_dim {config.context_dim}")
+        if pooled is not None and config.pooled_dim is None:
+            raise ValueError("this UNet takes no pooled vector (pooled_dim is None)")
+        if pooled is not None and pooled.shape[-1] != config.pooled_dim:
+            raise ValueError(f"pooled width {pooled.shape[-1]} differs from pooled_dim {config.pooled_dim}")

@@ -1,0 +1,211 @@
+"""CLIP recipe: image–caption data -> CLIP -> contrastive loss, with held-out zero-shot and retrieval metrics."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..clip.loss import ClipLoss, SigLipLoss
+from ..clip.model import CLIP, CLIPConfig
+from ..clip.retrieval import recall_at_k
+from ..clip.tokenizer import CLIPTokenizer
+from ..clip.zeroshot import topk_accuracy, zero_shot_classifier
+from ..data import shapes
+from ..data.cache import InMemoryCaptions
+from ..data.captions import build_caption_dataset
+from ..errors import ConfigError
+from ..data.robust import BadSampleTracker, ReplaceBadSamples, SkipBadSamplesInStream, collate_captions
+from ..training import TrainConfig, Trainer
+from ..training.trainer import process_state
+from .common import check_run_dir, load_recipe_config, write_run_config
+
+# prompt ensemble for shapes zero-shot: the class embedding is the mean over every size and position phrase,
+# the way CLIP's zero-shot averages over prompt templates
+SHAPES_TEMPLATES = tuple(f"a {size} {{}} {shapes.position_phrase(position)}"
+                         for size in shapes.SIZES for position in shapes.POSITIONS)
+
+
+@dataclass
+class CLIPDataConfig:
+    """Where the image–caption pairs come from (see mmgen.data.captions.build_caption_dataset for the forms)."""
+
+    train: str = "shapes"
+    val: str | None = "shapes:val"
+    columns: tuple[str, str] = ("image", "caption")
+    templates: list[str] | None = None  # prompt templates turning a labelled folder's class names into captions
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    max_bad_fraction: float = 0.01
+    cache: bool = False  # decode the (finite) training set once and keep it in memory
+    zeroshot: str | None = "shapes"  # "shapes" (held-out shape×colour classes) or a labelled image folder
+    zeroshot_templates: list[str] | None = None  # default: shapes' or mmgen.clip.zeroshot.DEFAULT_TEMPLATES
+    retrieval: str | None = "shapes:val"  # captioned data for image<->text recall (captions deduplicated)
+    eval_samples: int = 1000  # at most this many images for zero-shot and retrieval at each evaluation
+
+    def __post_init__(self):
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
+
+
+@dataclass
+class CLIPRecipe:
+    """configs/clip-*.yaml: model, data, loss and train sections."""
+
+    model: CLIPConfig = field(default_factory=CLIPConfig)
+    data: CLIPDataConfig = field(default_factory=CLIPDataConfig)
+    loss: Literal["infonce", "siglip"] = "infonce"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+class TokenizingCollate:
+    """collate_captions + CLIP tokens for the captions (runs in DataLoader workers)."""
+
+    def __init__(self, context_length: int):
+        self.tokenizer = CLIPTokenizer(context_length)
+
+    def __call__(self, items: list) -> dict:
+        batch = collate_captions(items)
+        batch["tokens"] = self.tokenizer(batch["captions"]) if batch["captions"] else torch.zeros(0, 1, dtype=torch.long)
+        return batch
+
+
+def build_datasets(recipe: CLIPRecipe, rank: int = 0, world_size: int = 1, progress: bool = True):
+    """(train, val) datasets whose bad samples are replaced (map-style) or skipped (streams) and counted."""
+    data, size = recipe.data, recipe.model.vision.image_size
+    options = dict(image_size=size, columns=data.columns, templates=data.templates, crop_scale=data.crop_scale,
+                   seed=recipe.train.seed, rank=rank, world_size=world_size)
+    train_set = build_caption_dataset(data.train, split="train", train=True, **options)
+    if data.cache:
+        if isinstance(train_set, torch.utils.data.IterableDataset):
+            raise ConfigError("data.cache needs a finite dataset (a table, a folder or shapes), not streamed shards")
+        train_set = InMemoryCaptions(train_set, num_workers=recipe.train.num_workers, progress=progress,
+                                     description="caching training images")
+    val_set = build_caption_dataset(data.val, split="val", train=False, **options) if data.val else None
+    return _robust(train_set), _robust(val_set) if val_set is not None else None
+
+
+def _robust(dataset):
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return SkipBadSamplesInStream(dataset)
+    return ReplaceBadSamples(dataset)
+
+
+class _FirstItems(torch.utils.data.IterableDataset):
+    def __init__(self, dataset, limit: int):
+        self.dataset, self.limit = dataset, limit
+
+    def __iter__(self):
+        return itertools.islice(iter(self.dataset), self.limit)
+
+
+def _first_items(dataset, limit: int, description: str) -> InMemoryCaptions:
+    """The first `limit` usable items, decoded into memory."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        dataset = _FirstItems(dataset, limit)
+    elif len(dataset) > limit:
+        dataset = torch.utils.data.Subset(dataset, range(limit))
+    return InMemoryCaptions(dataset, progress=False, description=description)
+
+
+class HeldOutEvaluation:
+    """Zero-shot top-1/top-5 and image<->text recall@k on held-out data, computed on the main process."""
+
+    def __init__(self, recipe: CLIPRecipe):
+        data, size = recipe.data, recipe.model.vision.image_size
+        self.tokenizer = CLIPTokenizer(recipe.model.text.context_length)
+        self.zeroshot = self.retrieval = None
+        if data.zeroshot:
+            if data.zeroshot == "shapes":
+                dataset = build_caption_dataset("shapes:val", image_size=size, train=False, seed=recipe.train.seed)
+                class_names, templates = shapes.class_names(), SHAPES_TEMPLATES
+            else:
+                dataset = build_caption_dataset(data.zeroshot, image_size=size, train=False)
+                if not hasattr(dataset, "classes"):
+                    raise ConfigError(f"data.zeroshot={data.zeroshot!r} must be 'shapes' or a labelled image folder")
+                class_names, templates = dataset.classes, None
+            templates = data.zeroshot_templates or templates
+            self.zeroshot = (_first_items(dataset, data.eval_samples, "zero-shot images"), class_names, templates)
+        if data.retrieval:
+            dataset = build_caption_dataset(data.retrieval, split="val", image_size=size, train=False)
+            items = _first_items(dataset, data.eval_samples * 4, "retrieval images")
+            unique = {}
+            for index, text in enumerate(items.captions):  # one image per caption: recall is then well defined
+                unique.setdefault(text, index)
+            keep = list(unique.values())[: data.eval_samples]
+            self.retrieval = (items.images[keep], [items.captions[i] for i in keep])
+
+    @torch.no_grad()
+    def __call__(self, model: CLIP, step: int | None = None) -> dict:
+        from ..clip.zeroshot import DEFAULT_TEMPLATES
+
+        if not process_state().is_main_process:
+            return {}
+        was_training = model.training
+        model.eval()
+        metrics = {}
+        if self.zeroshot is not None:
+            items, class_names, templates = self.zeroshot
+            classifier = zero_shot_classifier(model, self.tokenizer, class_names, templates or DEFAULT_TEMPLATES)
+            scores = _batched(model.encode_image, items.images) @ classifier.T
+            accuracy = topk_accuracy(scores, items.labels, ks=(1, 5))
+            metrics.update({"zeroshot/top1": accuracy[1], "zeroshot/top5": accuracy[5]})
+        if self.retrieval is not None:
+            images, captions = self.retrieval
+            image_features = _batched(model.encode_image, images)
+            text_features = _batched(model.encode_text, self.tokenizer(captions))
+            metrics.update(recall_at_k(image_features, text_features))
+        model.train(was_training)
+        return metrics
+
+
+def _batched(encode, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    return torch.cat([encode(inputs[start : start + batch_size]) for start in range(0, len(inputs), batch_size)])
+
+
+def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> CLIP:
+    """Train CLIP as `mmgen train clip` does; returns the model."""
+    from accelerate.utils import set_seed
+
+    run_dir = Path(run_dir)
+    recipe = load_recipe_config(CLIPRecipe, config_path, list(overrides), run_dir, resume)
+    state = process_state()
+    check_run_dir(run_dir, resume)
+    state.wait_for_everyone()
+    progress = recipe.train.progress and state.is_main_process
+    train_set, val_set = build_datasets(recipe, state.process_index, state.num_processes, progress)
+    evaluation = HeldOutEvaluation(recipe) if state.is_main_process else None
+    if state.is_main_process:
+        write_run_config(run_dir, recipe)
+    state.wait_for_everyone()
+
+    set_seed(recipe.train.seed)
+    model = CLIP(recipe.model)
+    state.print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.loss} loss")
+    criterion = ClipLoss() if recipe.loss == "infonce" else SigLipLoss()
+    tracker = BadSampleTracker(recipe.data.max_bad_fraction)
+
+    def loss_fn(model, batch):
+        if model.training:
+            tracker.update(batch)
+        output = model(batch["images"], batch["tokens"])
+        metrics = {"train/logit_scale": output.logit_scale.item()}
+        if tracker.skipped:
+            metrics["data/skipped_total"] = tracker.skipped
+        return criterion(*output), metrics
+
+    trainer = Trainer(
+        model,
+        recipe.train,
+        run_dir,
+        loss_fn=loss_fn,
+        train_dataset=train_set,
+        val_dataset=val_set,
+        collate_fn=TokenizingCollate(recipe.model.text.context_length),
+        evaluate_fn=evaluation if evaluation is not None else (lambda model, step: {}),
+    )
+    return trainer.fit(resume=resume)

@@ -1,0 +1,228 @@
+"""DDPM and DDIM samplers step for step against diffusers' DDPMScheduler / DDIMScheduler, and the sampling loop."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from mmgen.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, inference_timesteps, sample_loop
+
+SHAPE = (2, 3, 8, 8)
+BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
+PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
+# how the x0 prediction is post-processed; thresholding with sample_max_value > 1 so it differs from clipping
+X0_PROCESSING = {
+    "none": dict(clip_sample=False),
+    "clip": dict(clip_sample=True, clip_sample_range=1.5),
+    "threshold": dict(clip_sample=False, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5),
+}
+# (timestep_spacing, num_inference_steps, steps_offset); 13 does not divide 1000
+SPACINGS = [("leading", 10, 0), ("leading", 13, 1), ("trailing", 10, 0), ("trailing", 13, 0), ("linspace", 13, 0)]
+
+
+def make_pair(sampler_class, reference_class, beta_schedule, prediction_type, processing, spacing, **options):
+    """The same sampler built twice: mmgen's and diffusers', with set_timesteps already called."""
+    name, steps, offset = spacing
+    schedule = NoiseSchedule(beta_schedule=beta_schedule, prediction_type=prediction_type)
+    processing = X0_PROCESSING[processing]
+    sampler = sampler_class(schedule, timestep_spacing=name, steps_offset=offset, **processing, **options)
+    reference = reference_class(
+        beta_schedule=beta_schedule,
+        prediction_type=prediction_type,
+        timestep_spacing=name,
+        steps_offset=offset,
+        **processing,
+        **options,
+    )
+    sampler.set_timesteps(steps)
+    reference.set_timesteps(steps)
+    return sampler, reference
+
+
+def assert_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def spacing_id(spacing):
+    name, steps, offset = spacing
+    return f"{name}-{steps}" + (f"-offset{offset}" if offset else "")
+
+
+def check_ddpm(variance_type, beta_schedule, prediction_type, processing, spacing):
+    """Run mmgen's and diffusers' DDPM side by side on the same inputs and noise; every step must agree."""
+    sampler, reference = make_pair(
+        DDPMSampler, DDPMScheduler, beta_schedule, prediction_type, processing, spacing, variance_type=variance_type
+    )
+    assert torch.equal(sampler.timesteps, reference.timesteps)
+    data = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=data)
+    expected = x.clone()
+    ours_noise, reference_noise = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    last = sampler.timesteps[-1].item()
+    for t in sampler.timesteps.tolist():
+        model_output = torch.randn(SHAPE, generator=data)
+        x = sampler.step(model_output, t, x, generator=ours_noise)
+        out = reference.step(model_output, t, expected, generator=reference_noise)
+        # diffusers adds noise on the last step whenever t > 0; its noiseless mean there is x0 itself
+        expected = out.pred_original_sample if t == last and t > 0 else out.prev_sample
+        assert_close(x, expected)
+
+
+def check_ddim(eta, beta_schedule, prediction_type, processing, spacing):
+    """Run mmgen's and diffusers' DDIM side by side on the same inputs and noise; every step must agree."""
+    alpha_to_one = spacing[2] == 0  # the offset schedule also takes Stable Diffusion's alpha_bar_0 ending
+    sampler, reference = make_pair(
+        DDIMSampler, DDIMScheduler, beta_schedule, prediction_type, processing, spacing, set_alpha_to_one=alpha_to_one
+    )
+    sampler.eta = eta
+    assert torch.equal(sampler.timesteps, reference.timesteps)
+    data = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=data)
+    expected = x.clone()
+    visited = sampler.timesteps.tolist()
+    patched = 0
+    for t, prev in zip(visited, visited[1:] + [-1]):
+        model_output, noise = torch.randn(SHAPE, generator=data), torch.randn(SHAPE, generator=data)
+        x = sampler.step(model_output, t, x, noise=noise)
+        expected, was_patched = reference_ddim_step(reference, model_output, t, expected, prev, eta, noise)
+        patched += was_patched
+        assert_close(x, expected)
+    name, steps, _ = spacing
+    assert (patched > 0) == (name == "linspace" or (name == "trailing" and 1000 % steps != 0))
+
+
+# the x0 formulas: every beta schedule x prediction type x clipping, on a schedule that does not divide 1000
+@pytest.mark.parametrize("processing", list(X0_PROCESSING))
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+def test_ddpm_matches_diffusers_per_prediction(beta_schedule, prediction_type, processing):
+    check_ddpm("fixed_small", beta_schedule, prediction_type, processing, ("trailing", 13, 0))
+
+
+# the timestep bookkeeping and the noise: every spacing x variance type
+@pytest.mark.parametrize("spacing", SPACINGS, ids=spacing_id)
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_matches_diffusers_per_spacing(variance_type, spacing):
+    check_ddpm(variance_type, "squaredcos_cap_v2", "v_prediction", "clip", spacing)
+
+
+@pytest.mark.parametrize("processing", list(X0_PROCESSING))
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+def test_ddim_matches_diffusers_per_prediction(beta_schedule, prediction_type, processing):
+    check_ddim(0.5, beta_schedule, prediction_type, processing, ("linspace", 13, 0))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS, ids=spacing_id)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_matches_diffusers_per_spacing(eta, spacing):
+    check_ddim(eta, "scaled_linear", "epsilon", "threshold", spacing)
+
+
+def reference_ddim_step(reference, model_output, t, x, prev, eta, noise):
+    """diffusers' DDIM step from t to `prev`, and whether the reference had to be patched to get there.
+
+    diffusers reads alpha_bar_prev at t - 1000 // steps, not at the schedule's next timestep (diffusers issue
+    #12633: they differ for linspace and non-dividing trailing spacing); there, that entry is set to alpha_bar[prev].
+    """
+    stride = reference.config.num_train_timesteps // reference.num_inference_steps
+    step = lambda: reference.step(model_output, t, x, eta=eta, variance_noise=noise if eta > 0 else None).prev_sample
+    if t - stride == prev or (t - stride < 0 and prev < 0):
+        return step(), False
+    alphas_cumprod, final_alpha_cumprod = reference.alphas_cumprod, reference.final_alpha_cumprod
+    wanted = alphas_cumprod[prev] if prev >= 0 else final_alpha_cumprod
+    if t - stride >= 0:
+        reference.alphas_cumprod = alphas_cumprod.clone()
+        reference.alphas_cumprod[t - stride] = wanted
+    else:
+        reference.final_alpha_cumprod = wanted
+    try:
+        return step(), True
+    finally:
+        reference.alphas_cumprod, reference.final_alpha_cumprod = alphas_cumprod, final_alpha_cumprod
+
+
+def test_inference_timesteps_spacings():
+    assert inference_timesteps(1000, 10, "leading").tolist() == list(range(900, -1, -100))
+    assert inference_timesteps(1000, 10, "leading", steps_offset=1).tolist() == list(range(901, 0, -100))
+    assert inference_timesteps(1000, 10, "trailing").tolist() == list(range(999, 0, -100))
+    assert inference_timesteps(10, 4, "linspace").tolist() == [9, 6, 3, 0]
+
+
+@pytest.mark.parametrize("steps", [0, -3, 1001])
+def test_step_count_out_of_range_is_a_clear_error(steps):
+    sampler = DDIMSampler(NoiseSchedule())
+    with pytest.raises(ValueError, match=r"num_inference_steps must be between 1 and num_train_timesteps \(1000\)"):
+        sampler.set_timesteps(steps)
+
+
+def test_sampler_misuse_is_a_clear_error():
+    schedule = NoiseSchedule()
+    with pytest.raises(ValueError, match="steps_offset"):
+        DDPMSampler(schedule, steps_offset=1).set_timesteps(1000)
+    with pytest.raises(ValueError, match="clip_sample or thresholding"):
+        DDPMSampler(schedule, clip_sample=True, thresholding=True)
+    with pytest.raises(ValueError, match="variance_type"):
+        DDPMSampler(schedule, variance_type="learned")
+    sampler = DDIMSampler(schedule)
+    x = torch.randn(SHAPE)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sampler.step(x, 999, x)
+    sampler.set_timesteps(10)
+    with pytest.raises(ValueError, match="not one of the sampler's timesteps"):
+        sampler.step(x, 999, x)
+
+
+def test_explicit_noise_equals_generator_noise():
+    sampler = DDPMSampler(NoiseSchedule(), variance_type="fixed_large")
+    sampler.set_timesteps(10)
+    model_output, x = torch.randn(SHAPE), torch.randn(SHAPE)
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    from_generator = sampler.step(model_output, 500, x, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(sampler.step(model_output, 500, x, noise=noise), from_generator)
+    assert not torch.allclose(sampler.step(model_output, 500, x, noise=-noise), from_generator)
+
+
+def oracle(schedule, x0):
+    """A perfect network for data that is always x0: its output for the schedule's prediction type."""
+
+    def model_fn(x_t, t):
+        assert t.dtype == torch.long and t.shape == (x_t.shape[0],)
+        alpha_bar = schedule.alpha_cumprod_at(t, x_t)
+        noise = (x_t - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5
+        return schedule.target(x0, noise, t)
+
+    return model_fn
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_ddim_loop_with_oracle_recovers_x0(prediction_type):
+    sd_betas = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    schedule = NoiseSchedule(**sd_betas, prediction_type=prediction_type)
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    sampler = DDIMSampler(schedule)
+    seen = []
+
+    def model_fn(x_t, t):
+        seen.append(t[0].item())
+        return oracle(schedule, x0)(x_t, t)
+
+    generator = torch.Generator().manual_seed(4)
+    sample = sample_loop(model_fn, sampler, SHAPE, num_inference_steps=20, generator=generator, progress=False)
+    assert seen == sampler.timesteps.tolist()
+    torch.testing.assert_close(sample, x0, rtol=1e-4, atol=1e-4)
+
+
+def test_ddpm_loop_with_oracle_ends_exactly_on_x0():
+    # fixed_large with trailing spacing: the last step (t = 99) must land on x0 without adding noise
+    schedule = NoiseSchedule(prediction_type="sample")
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    sampler = DDPMSampler(schedule, variance_type="fixed_large", timestep_spacing="trailing")
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    sample = sample_loop(oracle(schedule, x0), sampler, SHAPE, num_inference_steps=10, x_T=x_T, progress=False)
+    assert sampler.timesteps[-1] == 99
+    torch.testing.assert_close(sample, x0)
+
+
+def test_sample_loop_checks_x_T_shape():
+    with pytest.raises(ValueError, match="x_T has shape"):
+        sample_loop(lambda x, t: x, DDIMSampler(NoiseSchedule()), SHAPE, num_inference_steps=5, x_T=torch.randn(1, 3))
