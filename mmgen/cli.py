@@ -63,10 +63,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 TRAIN_COMMANDS = {
     "lm": "GPT language model (configs/lm-*.yaml)",
     "clip": "CLIP on image-caption pairs (configs/clip-*.yaml)",
+    "diffusion": "GLIDE-style text-to-image diffusion on a trained CLIP (configs/diffusion-*.yaml)",
 }
 SAMPLE_HINTS = {
     "lm": "mmgen sample lm --checkpoint {run}",
     "clip": "mmgen eval clip --checkpoint {run} --zeroshot-dir shapes --retrieval shapes:val",
+    "diffusion": 'mmgen sample text2img --checkpoint {run} --prompt "a large red circle in the middle" --out samples',
 }
 
 
@@ -93,6 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample_lm.add_argument("--num-samples", type=_positive_int, default=1)
     sample_lm.add_argument("--seed", type=_int, default=0)
     sample_lm.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    sample_image = sample_models.add_parser("text2img", help="generate images from a text-to-image diffusion run")
+    sample_image.add_argument("--checkpoint", required=True, help="RUN_DIR, RUN_DIR/final or a model folder")
+    sample_image.add_argument("--prompt", action="append", required=True, dest="prompts", metavar="TEXT",
+                              help='text to draw (repeatable); "" samples unconditionally')
+    sample_image.add_argument("--n", type=_positive_int, default=4, help="images per prompt")
+    sample_image.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    sample_image.add_argument("--steps", type=_positive_int, default=50)
+    sample_image.add_argument("--guidance", type=_non_negative_float, default=3.0, help="classifier-free guidance")
+    sample_image.add_argument("--clip-guidance", type=_non_negative_float, default=0.0, help="CLIP guidance scale")
+    sample_image.add_argument("--clip-model", help="CLIP folder for --clip-guidance (default: the text encoder)")
+    sample_image.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
+    sample_image.add_argument("--seed", type=_int, default=0)
+    sample_image.add_argument("--out", required=True, help="new folder for grid.png and one PNG per image")
+    sample_image.add_argument("--device", default="cpu")
 
     zeroshot = commands.add_parser("zeroshot", help="zero-shot classify images with a CLIP checkpoint")
     zeroshot.add_argument("--checkpoint", required=True, help="CLIP RUN_DIR or model folder")
@@ -165,6 +181,20 @@ def run_sample(args) -> None:
             device=args.device,
         )
         print("\n---------------\n".join(texts))
+    if args.model == "text2img":
+        import warnings
+
+        from .recipes.text2img_sample import sample_images
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            paths = sample_images(args.checkpoint, args.prompts, args.out, num_images_per_prompt=args.n,
+                                  clip_model=args.clip_model, device=args.device, sampler=args.sampler,
+                                  steps=args.steps, guidance_scale=args.guidance, clip_guidance_scale=args.clip_guidance,
+                                  eta=args.eta, seed=args.seed)
+        for warning in caught:
+            print(f"mmgen: warning: {warning.message}", file=sys.stderr)
+        print(f"wrote {len(paths)} images and grid.png to {args.out}")
 
 
 def run_zeroshot(args) -> None:

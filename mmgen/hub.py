@@ -20,6 +20,7 @@ MODEL_TYPES: dict[str, str] = {
     "gpt": "mmgen.text.gpt:GPT",
     "clip": "mmgen.clip.model:CLIP",
     "unet": "mmgen.diffusion.unet:UNet",
+    "text2img": "mmgen.diffusion.text2img:TextToImage",
 }
 
 
@@ -133,6 +134,15 @@ def model_class(model_type: str) -> type:
     """The class registered for `model_type`."""
     module_name, class_name = MODEL_TYPES[model_type].split(":")
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_as(path: str | Path, cls: type, map_location: str | torch.device = "cpu"):
+    """`load(path)` for a folder that must hold a `cls` model; another model type is a CheckpointError naming both."""
+    folder = resolve_model_folder(path)
+    model_type = read_model_config(folder)["model_type"]
+    if model_type != cls.model_type:
+        raise CheckpointError(f"{folder} holds a {model_type!r} model, not a {cls.model_type!r} one")
+    return cls.from_pretrained(folder, map_location=map_location)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu"):

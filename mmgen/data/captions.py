@@ -49,6 +49,7 @@ def build_caption_dataset(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    shapes_group_size: int = 1,
 ):
     """The caption dataset that `spec` names:
 
@@ -59,9 +60,10 @@ def build_caption_dataset(
       streamed and split over (rank, world_size) and DataLoader workers;
     - a folder with one sub-folder of images per class -> LabelledImageFolder with prompt `templates`.
     `train` picks random crops (`crop_scale`; shapes are never cropped) and shuffled shards; `normalize` is
-    "clip" or "minus_one_to_one". Problems with the path or its contents raise UserError."""
+    "clip" or "minus_one_to_one"; `shapes_group_size` > 1 makes shapes come in hard-negative groups (ShapesDataset).
+    Problems with the path or its contents raise UserError."""
     if spec == "shapes" or spec.startswith("shapes:"):
-        return _shapes_dataset(spec, split, image_size, seed, normalize)
+        return _shapes_dataset(spec, split, image_size, seed, normalize, shapes_group_size)
     transform = image_transform(image_size, train=train, normalize=normalize, crop_scale=crop_scale)
     stream = {"rank": rank, "world_size": world_size, "seed": seed, "shuffle_buffer": SHUFFLE_BUFFER if train else 0}
     if "{" in spec:
@@ -88,7 +90,7 @@ def build_caption_dataset(
     )
 
 
-def _shapes_dataset(spec: str, split: str, image_size: int, seed: int, normalize: str) -> ShapesDataset:
+def _shapes_dataset(spec: str, split: str, image_size: int, seed: int, normalize: str, group_size: int) -> ShapesDataset:
     size = None
     for part in spec.split(":")[1:]:
         if part in SPLITS:
@@ -97,7 +99,7 @@ def _shapes_dataset(spec: str, split: str, image_size: int, seed: int, normalize
             size = int(part)
         else:
             raise UserError(f"data spec {spec!r}: {part!r} is neither a split ({', '.join(SPLITS)}) nor a size")
-    return ShapesDataset(split, size, image_size, seed, normalize=normalize)
+    return ShapesDataset(split, size, image_size, seed, normalize=normalize, group_size=group_size)
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")

@@ -1,6 +1,10 @@
-"""Image loading (any file PIL reads, any mode -> 8-bit RGB) and the train / eval tensor transforms."""
+"""Image loading (any file PIL reads, any mode -> 8-bit RGB), the train / eval tensor transforms, and back to PNG."""
 
 from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -8,6 +12,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from ..errors import ConfigError
+from ..io import atomic_write_bytes
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -94,3 +99,30 @@ def denormalize(images: torch.Tensor, normalize: str = "clip") -> torch.Tensor:
     """Undo `normalization(normalize)`: (..., 3, H, W) normalised -> values in [0, 1] (clamped)."""
     mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device)[:, None, None] for v in _statistics(normalize))
     return (images * std + mean).clamp(0.0, 1.0)
+
+
+def to_pil_images(images: torch.Tensor, normalize: str = "minus_one_to_one") -> list[Image.Image]:
+    """Normalised images (batch, 3, H, W) -> 8-bit RGB PIL images (values outside the range are clamped)."""
+    pixels = (denormalize(images.detach().float().cpu(), normalize) * 255).round().to(torch.uint8)
+    return [Image.fromarray(array.permute(1, 2, 0).contiguous().numpy()) for array in pixels]  # (H, W, 3) uint8
+
+
+def make_grid(images: list[Image.Image], columns: int | None = None, padding: int = 2) -> Image.Image:
+    """The images (all one size) in rows of `columns` (default: about square) on a white background."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * (width + padding) + padding, rows * (height + padding) + padding), "white")
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        grid.paste(image, (padding + column * (width + padding), padding + row * (height + padding)))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    """Write `image` as a PNG file through a temporary file and a rename (never half-written)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())

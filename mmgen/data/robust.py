@@ -102,6 +102,7 @@ def collate_captions(batch: list) -> dict:
 
     Returns {"images": (B, 3, H, W) float, "captions": list[str], "labels": (B,) long (only when every item has
     one), "skipped": int, "skipped_examples": list[str]}. B may be smaller than the batch, or 0."""
+    batch = [item for entry in batch for item in (entry if isinstance(entry, list) else [entry])]  # GroupedItems
     items = [item for item in batch if isinstance(item, dict)]
     bad = [str(item) if item is not None else "unknown sample (None)" for item in batch if not isinstance(item, dict)]
     bad += [example for item in items for example in item.get("skipped", ())]

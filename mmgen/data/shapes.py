@@ -96,7 +96,10 @@ def caption(attributes: dict, omit: tuple[str, ...] = ()) -> str:
 
 # partial captions name a subset of the attributes, like real captions do; learning that "a red shape" and
 # "a circle" both describe a red circle is what lets CLIP recognise colour/shape pairs it never saw together
-PARTIAL_CAPTIONS = (("position",), ("size",), ("size", "position"), ("shape",), ("colour",))
+# (leaving colour out is listed twice: colour is learned first and fastest, and a caption without it is what
+# makes the contrastive loss depend on the shape)
+PARTIAL_CAPTIONS = (("position",), ("size",), ("size", "position"), ("shape",), ("colour",), ("colour",),
+                    ("colour", "position"))
 
 
 def heldout_pairs(fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0) -> frozenset[tuple[str, str]]:
@@ -168,6 +171,7 @@ class ShapesDataset(Dataset):
         heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
         heldout_seed: int = 0,
         partial_captions: float | None = None,
+        group_size: int = 1,
     ):
         if split not in SPLITS:
             raise ConfigError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -187,6 +191,14 @@ class ShapesDataset(Dataset):
         if not 0.0 <= self.partial_captions <= 1.0:
             raise ConfigError(f"partial_captions must lie in [0, 1], got {self.partial_captions}")
 
+        # hard negatives: consecutive groups of `group_size` items share colour, size and position and differ only
+        # in shape, so a batch made of whole groups can only be told apart by shape (see mmgen.data.groups)
+        self.group_size = group_size
+        shapes_per_colour = [sum(c == colour for _, c in self.pairs) for colour in COLOURS]
+        if group_size < 1 or group_size > min(count for count in shapes_per_colour if count):
+            raise ConfigError(f"group_size must lie in [1, {min(c for c in shapes_per_colour if c)}] for the {split} "
+                              f"split (the fewest shapes a colour has there), got {group_size}")
+
     def __len__(self) -> int:
         return self.size
 
@@ -195,8 +207,14 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for {self.size} shapes")
         return np.random.default_rng([self.seed, SPLITS.index(self.split), index])
 
-    def _draw_attributes(self, rng: np.random.Generator) -> dict:
+    def _draw_attributes(self, rng: np.random.Generator, index: int) -> dict:
         shape, colour = self.pairs[rng.integers(len(self.pairs))]
+        if self.group_size > 1:
+            group, member = divmod(index, self.group_size)
+            rng = np.random.default_rng([self.seed, SPLITS.index(self.split), group, 2])
+            colour = sorted({c for _, c in self.pairs})[rng.integers(len({c for _, c in self.pairs}))]
+            options = [s for s, c in self.pairs if c == colour]
+            shape = options[rng.permutation(len(options))[member]]
         return {
             "shape": shape,
             "colour": colour,
@@ -206,12 +224,12 @@ class ShapesDataset(Dataset):
 
     def attributes(self, index: int) -> dict:
         """Item `index`'s labels: dict(shape=..., colour=..., size=..., position=...), without rendering it."""
-        return self._draw_attributes(self._generator(index))
+        return self._draw_attributes(self._generator(index), index)
 
     def image(self, index: int) -> Image.Image:
         """Item `index` as a PIL image (the same pixels `__getitem__` turns into a tensor)."""
         rng = self._generator(index)
-        return render(self._draw_attributes(rng), self.image_size, rng)
+        return render(self._draw_attributes(rng, index), self.image_size, rng)
 
     def caption(self, index: int) -> str:
         """Item `index`'s caption: complete, or (with probability `partial_captions`) naming only some attributes."""
@@ -223,7 +241,7 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rng = self._generator(index)
-        attributes = self._draw_attributes(rng)
+        attributes = self._draw_attributes(rng, index)
         return {
             "image": self.transform(render(attributes, self.image_size, rng)),
             "caption": self.caption(index),

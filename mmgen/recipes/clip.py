@@ -17,6 +17,7 @@ from ..clip.zeroshot import topk_accuracy, zero_shot_classifier
 from ..data import shapes
 from ..data.cache import InMemoryCaptions
 from ..data.captions import build_caption_dataset
+from ..data.groups import GroupedItems
 from ..errors import ConfigError
 from ..data.robust import BadSampleTracker, ReplaceBadSamples, SkipBadSamplesInStream, collate_captions
 from ..training import TrainConfig, Trainer
@@ -40,6 +41,7 @@ class CLIPDataConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)
     max_bad_fraction: float = 0.01
     cache: bool = False  # decode the (finite) training set once and keep it in memory
+    hard_negatives: int = 1  # shapes only: batches of groups of N images that differ only in shape
     zeroshot: str | None = "shapes"  # "shapes" (held-out shape×colour classes) or a labelled image folder
     zeroshot_templates: list[str] | None = None  # default: shapes' or mmgen.clip.zeroshot.DEFAULT_TEMPLATES
     retrieval: str | None = "shapes:val"  # captioned data for image<->text recall (captions deduplicated)
@@ -50,6 +52,8 @@ class CLIPDataConfig:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
+        if self.hard_negatives > 1 and not self.train.startswith("shapes"):
+            raise ValueError("hard_negatives needs data.train=shapes (other data has no groups to keep together)")
 
 
 @dataclass
@@ -79,14 +83,18 @@ def build_datasets(recipe: CLIPRecipe, rank: int = 0, world_size: int = 1, progr
     data, size = recipe.data, recipe.model.vision.image_size
     options = dict(image_size=size, columns=data.columns, templates=data.templates, crop_scale=data.crop_scale,
                    seed=recipe.train.seed, rank=rank, world_size=world_size)
-    train_set = build_caption_dataset(data.train, split="train", train=True, **options)
+    train_set = build_caption_dataset(data.train, split="train", train=True, shapes_group_size=data.hard_negatives,
+                                      **options)
     if data.cache:
         if isinstance(train_set, torch.utils.data.IterableDataset):
             raise ConfigError("data.cache needs a finite dataset (a table, a folder or shapes), not streamed shards")
         train_set = InMemoryCaptions(train_set, num_workers=recipe.train.num_workers, progress=progress,
                                      description="caching training images")
     val_set = build_caption_dataset(data.val, split="val", train=False, **options) if data.val else None
-    return _robust(train_set), _robust(val_set) if val_set is not None else None
+    train_set = _robust(train_set)
+    if data.hard_negatives > 1:
+        train_set = GroupedItems(train_set, data.hard_negatives)
+    return train_set, _robust(val_set) if val_set is not None else None
 
 
 def _robust(dataset):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..config import apply_overrides, from_dict, load_yaml, to_dict
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..io import atomic_write_text
 
 RUN_CONFIG = "config.yaml"
@@ -37,3 +38,32 @@ def write_run_config(run_dir: Path, config) -> None:
     """Save the resolved config as RUN_DIR/config.yaml (what --resume reads back)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / RUN_CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: int = 0, world_size: int = 1,
+                     num_workers: int = 0, progress: bool = True):
+    """(train, val-or-None) raw caption datasets of a `data:` section (train, val, columns, templates, crop_scale, cache).
+
+    With data.cache the training set is decoded once into memory (finite datasets only)."""
+    from ..data.cache import InMemoryCaptions
+    from ..data.captions import build_caption_dataset
+
+    options = dict(image_size=image_size, normalize=normalize, columns=data.columns, templates=data.templates,
+                   crop_scale=data.crop_scale, seed=seed, rank=rank, world_size=world_size)
+    train_set = build_caption_dataset(data.train, split="train", train=True, **options)
+    if data.cache:
+        if isinstance(train_set, torch.utils.data.IterableDataset):
+            raise ConfigError("data.cache needs a finite dataset (a table, a folder or shapes), not streamed shards")
+        train_set = InMemoryCaptions(train_set, num_workers=num_workers, progress=progress,
+                                     description="caching training images")
+    val_set = build_caption_dataset(data.val, split="val", train=False, **options) if data.val else None
+    return train_set, val_set
+
+
+def robust(dataset):
+    """`dataset` with bad samples replaced (map-style) or skipped (streams), and counted either way."""
+    from ..data.robust import ReplaceBadSamples, SkipBadSamplesInStream
+
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return SkipBadSamplesInStream(dataset)
+    return ReplaceBadSamples(dataset)

@@ -32,6 +32,7 @@ from .checkpoint import (
     rng_to_file,
     write_trainer_state,
 )
+from .ema import ExponentialMovingAverage
 from .metrics import MetricsLogger, truncate_metrics
 from .optim import learning_rate, make_optimizer
 
@@ -56,6 +57,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 1000  # 0: only the final model
     keep_checkpoints: int = 2
+    ema_decay: float = 0.0  # > 0 (e.g. 0.999): keep an EMA of the weights; final/ and evaluate_fn get the EMA
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     seed: int = 1337
     num_workers: int = 0
     tensorboard: bool = True
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1) (0 turns EMA off), got {self.ema_decay}")
 
 
 def cpu_only_launch() -> bool:
@@ -98,7 +103,8 @@ class Trainer:
     `loss_fn` returns the loss, or (loss, {name: number}) whose numbers are logged with train/loss (averaged over
     the logging window of this process; names ending in `_total` are counters whose latest value is logged).
     `evaluate_fn(model, step) -> {name: number}` adds metrics at each evaluation; `save_fn(model, folder)` writes
-    the model folder (default: config.json + model.safetensors).
+    the model folder (default: config.json + model.safetensors). With `config.ema_decay` > 0 both get the EMA model
+    at evaluations and for final/ (val/loss and checkpoints' model.safetensors use the trained weights).
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class Trainer:
             raise ConfigError(f"train.mixed_precision={config.mixed_precision!r}: {error}") from None
         self.model = model
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.betas)
+        self.ema = ExponentialMovingAverage(model, config.ema_decay, config.ema_warmup) if config.ema_decay else None
         self.step = 0
 
     # ------------------------------------------------------------------ data
@@ -205,6 +212,8 @@ class Trainer:
             self._load_checkpoint(resume_folder)
         model, optimizer = accelerator.prepare(self.model, self.optimizer)
         self.prepared_model = model
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
         logger = MetricsLogger(self.run_dir, config.tensorboard) if accelerator.is_main_process else None
         train_batches = self._train_batches()
         global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
@@ -247,6 +256,8 @@ class Trainer:
                     accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(accelerator.unwrap_model(model), self.step)
                 self.step += 1
                 window_steps += 1
                 progress.update(1)
@@ -291,7 +302,7 @@ class Trainer:
         if logger:
             logger.close()
         accelerator.wait_for_everyone()
-        return accelerator.unwrap_model(model)
+        return self._model_to_keep()
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -311,9 +322,13 @@ class Trainer:
             if count:
                 metrics["val/loss"] = accelerator.reduce(total / count, reduction="mean").item()
         if self.evaluate_fn is not None:
-            metrics.update(self.evaluate_fn(accelerator.unwrap_model(model), self.step))
+            metrics.update(self.evaluate_fn(self._model_to_keep(), self.step))
         model.train()
         return metrics
+
+    def _model_to_keep(self) -> torch.nn.Module:
+        """What is evaluated, saved as final/ and returned: the EMA model when EMA is on, else the trained one."""
+        return self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -328,6 +343,8 @@ class Trainer:
         if accelerator.is_main_process:
             self.save_fn(accelerator.unwrap_model(self.model), staging)
             optimizer_to_files(self.optimizer, staging)
+            if self.ema is not None:
+                self.ema.save(staging)
             write_trainer_state(staging, {"step": self.step, "num_processes": accelerator.num_processes})
         rng_to_file(staging / f"rng-{accelerator.process_index}.safetensors")
         accelerator.wait_for_everyone()
@@ -349,12 +366,12 @@ class Trainer:
             shutil.rmtree(path, ignore_errors=True)
 
     def save_final(self) -> Path:
-        """Write RUN_DIR/final (config.json + model.safetensors + recipe files) atomically."""
+        """Write RUN_DIR/final (config.json + model.safetensors + recipe files; the EMA weights if on) atomically."""
         folder = self.run_dir / "final"
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with atomic_folder(folder) as staging:
-                self.save_fn(self.accelerator.unwrap_model(self.model), staging)
+                self.save_fn(self._model_to_keep(), staging)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -362,6 +379,8 @@ class Trainer:
         state = read_trainer_state(folder)
         load_weights(self.model, folder / WEIGHTS_NAME)
         optimizer_from_files(self.optimizer, folder)
+        if self.ema is not None:
+            self.ema.load(folder, self.model)
         self.step = state["step"]
         rng_file = folder / f"rng-{self.accelerator.process_index}.safetensors"
         if rng_file.exists():

@@ -1,0 +1,110 @@
+"""Guidance as wrappers around a model_fn(x_t, t): classifier-free guidance and CLIP guidance (GLIDE, Nichol et al. 2022).
+
+Samplers never see a network: they get a model_fn, and a guided model_fn is just another one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+from ..data.images import CLIP_MEAN, CLIP_STD
+from .samplers import ModelFn
+from .schedule import NoiseSchedule
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # x0 estimate (batch, C, H, W) in [-1, 1] -> score (batch,)
+
+
+class Conditioned:
+    """model_fn(x_t, t) = denoise(x_t, t, condition); CFG runs two of them over one `denoise` as a single batch."""
+
+    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor], condition: Any):
+        self.denoise = denoise
+        self.condition = condition
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.denoise(x_t, t, self.condition)
+
+
+def _concat(first: Any, second: Any) -> Any:
+    """Concatenate two conditions along the batch: tensors, (named) tuples of them, or None."""
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat([first, second])
+    if isinstance(first, tuple):
+        parts = [_concat(a, b) for a, b in zip(first, second)]
+        return type(first)(*parts) if hasattr(first, "_fields") else tuple(parts)
+    raise TypeError(f"cannot batch conditions of type {type(first).__name__}")
+
+
+def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, guidance_scale: float) -> ModelFn:
+    """model_fn giving uncond + guidance_scale * (cond - uncond) (Ho & Salimans 2022); scale 1 is the conditional model.
+
+    The combination has weights summing to one, so it is the same in epsilon, x0 or v space. When both model_fns are
+    `Conditioned` on the same `denoise`, each step runs the two passes as one batch of twice the size.
+    """
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must not be negative, got {guidance_scale}")
+    if guidance_scale == 1:
+        return model_fn_cond
+    batched = (isinstance(model_fn_cond, Conditioned) and isinstance(model_fn_uncond, Conditioned)
+               and model_fn_cond.denoise == model_fn_uncond.denoise)
+
+    def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if batched:
+            condition = _concat(model_fn_cond.condition, model_fn_uncond.condition)
+            both = model_fn_cond.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), condition)  # (2 * batch, ...)
+            cond, uncond = both.chunk(2)
+        else:
+            cond, uncond = model_fn_cond(x_t, t), model_fn_uncond(x_t, t)
+        return uncond + guidance_scale * (cond - uncond)
+
+    return guided
+
+
+def clip_guidance(model_fn: ModelFn, schedule: NoiseSchedule, score_fn: ScoreFn, guidance_scale: float) -> ModelFn:
+    """model_fn whose epsilon is pushed up the gradient of score_fn(x0 estimate) (classifier guidance with CLIP).
+
+    With x0_hat(x_t) the schedule's x0 prediction from the model's output (the gradient flows through the network):
+        epsilon' = epsilon - guidance_scale * sqrt(1 - alpha_bar_t) * d score_fn(x0_hat(x_t)) / d x_t
+    (Dhariwal & Nichol 2021, eq. 14, with log p(y | x_t) replaced by the score), returned in the schedule's
+    prediction type. Every sampler then moves its mean and its x0 towards a higher score.
+    """
+    if guidance_scale < 0:
+        raise ValueError(f"guidance_scale must not be negative, got {guidance_scale}")
+
+    def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            output = model_fn(x, t)
+            score = score_fn(schedule.predict_x0(output, x, t)).sum()  # samples are independent: one backward
+            (gradient,) = torch.autograd.grad(score, x)
+        output = output.detach()
+        alpha_bar = schedule.alpha_cumprod_at(t, x_t)
+        epsilon = schedule.predict_epsilon(output, x_t, t) - guidance_scale * (1 - alpha_bar) ** 0.5 * gradient
+        x0 = (x_t - (1 - alpha_bar) ** 0.5 * epsilon) / alpha_bar**0.5
+        return schedule.target(x0, epsilon, t)  # epsilon, x0 or v, whichever the sampler expects
+
+    return guided
+
+
+def clip_score(clip, text_embeddings: torch.Tensor) -> ScoreFn:
+    """score(x0) = CLIP's logit logit_scale * cos(image embedding, text embedding), per sample.
+
+    x0 (batch, 3, H, W) in [-1, 1] is resized to the CLIP's image size and CLIP-normalised; text_embeddings
+    (batch, embed_dim) are unit-length embeddings from `clip.encode_text`.
+    """
+    size = clip.config.vision.image_size
+
+    def score(x0: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(CLIP_MEAN, device=x0.device, dtype=x0.dtype)[:, None, None]
+        std = torch.tensor(CLIP_STD, device=x0.device, dtype=x0.dtype)[:, None, None]
+        if x0.shape[-2:] != (size, size):
+            x0 = F.interpolate(x0, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        image_embeddings = clip.encode_image(((x0 + 1) / 2 - mean) / std)
+        return clip.logit_scale_exp() * (image_embeddings * text_embeddings.to(image_embeddings.dtype)).sum(dim=-1)
+
+    return score

@@ -1,0 +1,98 @@
+"""GLIDE-style text-to-image sampling: prompts -> CLIP text encoding -> guided denoiser -> sampler -> PIL images."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..clip.model import CLIP
+from ..data.images import to_pil_images
+from ..diffusion.guidance import Conditioned, classifier_free_guidance, clip_guidance, clip_score
+from ..diffusion.samplers import DDIMSampler, DDPMSampler, sample_loop
+from ..diffusion.text2img import TextToImage, tokenize_prompts
+from ..errors import UserError
+from ..hub import load_as
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+class TextToImagePipeline:
+    """Samples images for prompts from a TextToImage model; CLIP guidance uses `clip` (default: its text encoder)."""
+
+    def __init__(self, model: TextToImage, clip: CLIP | None = None):
+        self.model = model
+        self.clip = clip if clip is not None else model.text_encoder
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path, clip_model: str | Path | None = None,
+                        device: str | torch.device = "cpu") -> "TextToImagePipeline":
+        """The pipeline of a text2img run or model folder, with an optional other CLIP folder for CLIP guidance."""
+        model = load_as(checkpoint, TextToImage, map_location=device)
+        clip = load_as(clip_model, CLIP, map_location=device) if clip_model is not None else None
+        return cls(model, clip)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | list[str],
+        *,
+        num_images_per_prompt: int = 1,
+        sampler: str = "ddim",
+        steps: int = 50,
+        guidance_scale: float = 3.0,
+        clip_guidance_scale: float = 0.0,
+        eta: float = 0.0,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> list[Image.Image]:
+        """num_images_per_prompt images per prompt, prompt by prompt; the same seed gives the same images.
+
+        An empty prompt samples unconditionally (with a warning). eta is DDIM's stochasticity (0: deterministic).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self._check(prompts, num_images_per_prompt, sampler, steps, guidance_scale, clip_guidance_scale, eta)
+        for index, prompt in enumerate(prompts):
+            if not prompt.strip():
+                warnings.warn(f"prompt {index + 1} is empty: its images are sampled unconditionally", stacklevel=2)
+        model, config = self.model, self.model.config
+        device = next(model.parameters()).device
+        batch = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
+        text = model.encode_text(tokenize_prompts(batch, model.context_length).to(device))
+        model_fn = Conditioned(model.denoise, text)
+        if guidance_scale != 1:
+            empty = model.encode_text(tokenize_prompts([""] * len(batch), model.context_length).to(device))
+            model_fn = classifier_free_guidance(model_fn, Conditioned(model.denoise, empty), guidance_scale)
+        if clip_guidance_scale > 0:
+            tokens = tokenize_prompts(batch, self.clip.config.text.context_length).to(device)
+            score = clip_score(self.clip, self.clip.encode_text(tokens))
+            model_fn = clip_guidance(model_fn, config.schedule, score, clip_guidance_scale)
+        # "trailing" spacing starts at the last training timestep (pure noise) however few the steps
+        options = dict(clip_sample=True, timestep_spacing="trailing")
+        if sampler == "ddim":
+            chosen = DDIMSampler(config.schedule, eta=eta, **options)
+        else:
+            chosen = DDPMSampler(config.schedule, **options)
+        shape = (len(batch), config.channels, config.image_size, config.image_size)
+        images = sample_loop(model_fn, chosen, shape, num_inference_steps=steps, progress=progress, device=device,
+                             generator=torch.Generator().manual_seed(seed))
+        return to_pil_images(images, "minus_one_to_one")
+
+    def _check(self, prompts, num_images_per_prompt, sampler, steps, guidance_scale, clip_guidance_scale, eta):
+        timesteps = self.model.config.schedule.num_train_timesteps
+        if not prompts:
+            raise UserError("no prompt given")
+        if not all(isinstance(prompt, str) for prompt in prompts):
+            raise UserError("prompts must be strings")
+        if num_images_per_prompt < 1:
+            raise UserError(f"the number of images per prompt must be >= 1, got {num_images_per_prompt}")
+        if sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if not 1 <= steps <= timesteps:
+            raise UserError(f"steps must lie between 1 and the model's {timesteps} training timesteps, got {steps}")
+        if guidance_scale < 0 or clip_guidance_scale < 0:
+            raise UserError(f"guidance scales must be >= 0, got {guidance_scale} and {clip_guidance_scale}")
+        if eta < 0 or (eta and sampler != "ddim"):
+            raise UserError(f"eta must be >= 0 and is a DDIM option, got {eta} with {sampler}")

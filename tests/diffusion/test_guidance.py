@@ -1,0 +1,115 @@
+"""Classifier-free guidance and CLIP guidance as model_fn wrappers."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from mmgen.data.images import CLIP_MEAN, CLIP_STD
+from mmgen.diffusion import (
+    Conditioned,
+    DDIMSampler,
+    NoiseSchedule,
+    classifier_free_guidance,
+    clip_guidance,
+    clip_score,
+    tokenize_prompts,
+)
+from tests.diffusion.helpers import tiny_text2img
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_text2img()
+
+
+def encodings(model, prompts):
+    cond = model.encode_text(tokenize_prompts(prompts, model.context_length))
+    uncond = model.encode_text(tokenize_prompts([""] * len(prompts), model.context_length))
+    return cond, uncond
+
+
+def noisy_input(seed=0, batch=2, size=8):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=generator), torch.tensor([37, 80])
+
+
+def test_cfg_is_uncond_plus_scale_times_difference_and_batches_the_two_passes(model):
+    cond, uncond = encodings(model, ["a red circle", "a small blue square at the top"])
+    x, t = noisy_input()
+    by_hand_cond, by_hand_uncond = model.denoise(x, t, cond), model.denoise(x, t, uncond)
+    expected = by_hand_uncond + 4.0 * (by_hand_cond - by_hand_uncond)
+    calls = []
+
+    def counting_denoise(x_t, t, text):
+        calls.append(len(x_t))
+        return model.denoise(x_t, t, text)
+
+    batched = classifier_free_guidance(Conditioned(counting_denoise, cond), Conditioned(counting_denoise, uncond), 4.0)
+    torch.testing.assert_close(batched(x, t), expected, atol=1e-5, rtol=1e-5)
+    assert calls == [4]  # one pass over cond + uncond together
+    separate = classifier_free_guidance(lambda x_t, t: model.denoise(x_t, t, cond),
+                                        lambda x_t, t: model.denoise(x_t, t, uncond), 4.0)
+    torch.testing.assert_close(separate(x, t), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, by_hand_cond, atol=1e-3)  # the guidance does something here
+
+
+def test_scale_one_is_the_conditional_model_and_zero_the_unconditional(model):
+    cond, uncond = encodings(model, ["a green star", "a red circle"])
+    x, t = noisy_input(1)
+    cond_fn, uncond_fn = Conditioned(model.denoise, cond), Conditioned(model.denoise, uncond)
+    assert torch.equal(classifier_free_guidance(cond_fn, uncond_fn, 1.0)(x, t), cond_fn(x, t))
+    torch.testing.assert_close(classifier_free_guidance(cond_fn, uncond_fn, 0.0)(x, t), uncond_fn(x, t),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must not be negative"):
+        classifier_free_guidance(cond_fn, uncond_fn, -1.0)
+
+
+def test_clip_score_is_clip_logit_of_the_resized_normalised_image(model):
+    clip = model.text_encoder
+    text = clip.encode_text(tokenize_prompts(["a red circle", "a blue square"], clip.config.text.context_length))
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    images = F.interpolate(x0, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    images = ((images + 1) / 2 - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    expected = clip.logit_scale_exp() * F.cosine_similarity(clip.encode_image(images), text)
+    torch.testing.assert_close(clip_score(clip, text)(x0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_guided_step_raises_clip_similarity(model):
+    clip = model.text_encoder
+    prompts = ["a red circle", "a large blue square"]
+    cond, _ = encodings(model, prompts)
+    score = clip_score(clip, clip.encode_text(tokenize_prompts(prompts, clip.config.text.context_length)))
+    model_fn = Conditioned(model.denoise, cond)
+    sampler = DDIMSampler(model.schedule, timestep_spacing="trailing")
+    sampler.set_timesteps(2)  # timesteps 99, 49: the step from 49 lands on x0
+    x, _ = noisy_input(2)
+    t = torch.full((2,), 49)
+    with torch.no_grad():
+        plain = sampler.step(model_fn(x, t), 49, x)
+        guided = sampler.step(clip_guidance(model_fn, model.schedule, score, 0.5)(x, t), 49, x)
+        assert (score(guided) > score(plain)).all()
+        assert not torch.allclose(guided, plain)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_clip_guidance_speaks_the_schedules_prediction_type(prediction_type):
+    schedule = NoiseSchedule(num_train_timesteps=100, prediction_type=prediction_type)
+    x, t = noisy_input(3)
+    output = torch.randn_like(x)
+    gradient_direction = torch.randn_like(x)
+
+    def score(x0):
+        return (x0 * gradient_direction).flatten(1).sum(dim=1)  # d score / d x0 = gradient_direction
+
+    def model_fn(x_t, t):
+        return output + 0.0 * x_t  # constant, but differentiable in x_t like a network
+
+    with torch.no_grad():
+        unguided = clip_guidance(model_fn, schedule, score, 0.0)(x, t)
+        guided = clip_guidance(model_fn, schedule, score, 2.0)(x, t)
+    torch.testing.assert_close(unguided, output, atol=1e-4, rtol=1e-4)
+    # the output is constant in x_t, so d score(x0_hat(x_t)) / d x_t = gradient_direction * d x0_hat / d x_t
+    alpha_bar = schedule.alpha_cumprod_at(t, x)
+    slope = {"epsilon": alpha_bar**-0.5, "sample": 0.0, "v_prediction": alpha_bar**0.5}[prediction_type]
+    expected = schedule.predict_epsilon(output, x, t) - 2.0 * (1 - alpha_bar) ** 0.5 * slope * gradient_direction
+    torch.testing.assert_close(schedule.predict_epsilon(guided, x, t), expected, atol=1e-4, rtol=1e-4)
