@@ -132,6 +132,10 @@ class Trainer:
         self.evaluate_fn = evaluate_fn
         self.save_fn = save_fn
         self.tokens_per_sample = tokens_per_sample
+        from accelerate.state import AcceleratorState
+
+        # one Trainer is one run: forget an earlier run's precision in this process (the process group stays)
+        AcceleratorState._reset_state(reset_partial_state=False)
         try:
             self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu_only_launch())
         except ValueError as error:

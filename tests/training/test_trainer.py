@@ -85,3 +85,13 @@ def test_learning_rate_schedule_matches_nanogpt():
         got = learning_rate(step, lr=1e-3, min_lr=1e-4, warmup_steps=100, max_steps=2000)
         assert got == pytest.approx(nanogpt(step))
     assert learning_rate(500, lr=1e-3, min_lr=0, warmup_steps=10, max_steps=2000, schedule="constant") == 1e-3
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_keeps_float32_weights(tmp_path, tiny_lm_config, precision):
+    run = tmp_path / precision
+    lm.train(tiny_lm_config, run, [f"train.mixed_precision={precision}", "train.max_steps=6", "train.checkpoint_every=0"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert all(loss == loss and loss < 10 for loss in losses)  # finite
+    assert all(tensor.dtype == torch.float32 for tensor in weights(run).values())
