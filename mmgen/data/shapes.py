@@ -172,6 +172,7 @@ class ShapesDataset(Dataset):
         heldout_seed: int = 0,
         partial_captions: float | None = None,
         group_size: int = 1,
+        grey_without_colour: bool = True,
     ):
         if split not in SPLITS:
             raise ConfigError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -191,6 +192,7 @@ class ShapesDataset(Dataset):
         if not 0.0 <= self.partial_captions <= 1.0:
             raise ConfigError(f"partial_captions must lie in [0, 1], got {self.partial_captions}")
 
+        self.grey_without_colour = grey_without_colour
         # hard negatives: consecutive groups of `group_size` items share colour, size and position and differ only
         # in shape, so a batch made of whole groups can only be told apart by shape (see mmgen.data.groups)
         self.group_size = group_size
@@ -231,19 +233,28 @@ class ShapesDataset(Dataset):
         rng = self._generator(index)
         return render(self._draw_attributes(rng, index), self.image_size, rng)
 
-    def caption(self, index: int) -> str:
-        """Item `index`'s caption: complete, or (with probability `partial_captions`) naming only some attributes."""
-        attributes = self.attributes(index)
+    def _omitted(self, index: int) -> tuple[str, ...]:
+        """The attributes item `index`'s caption leaves out (none for a complete caption)."""
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index, 1])
         if rng.random() < self.partial_captions:
-            return caption(attributes, PARTIAL_CAPTIONS[rng.integers(len(PARTIAL_CAPTIONS))])
-        return caption(attributes)
+            return PARTIAL_CAPTIONS[rng.integers(len(PARTIAL_CAPTIONS))]
+        return ()
+
+    def caption(self, index: int) -> str:
+        """Item `index`'s caption: complete, or (with probability `partial_captions`) naming only some attributes."""
+        return caption(self.attributes(index), self._omitted(index))
 
     def __getitem__(self, index: int) -> dict:
         rng = self._generator(index)
         attributes = self._draw_attributes(rng, index)
+        omitted = self._omitted(index)
+        image = render(attributes, self.image_size, rng)
+        if self.grey_without_colour and "colour" in omitted:
+            # a caption without a colour gets a grey image: shape must then be read from brightness, which
+            # transfers to colours the shape was never seen in (no held-out colour/shape image is ever made)
+            image = image.convert("L").convert("RGB")
         return {
-            "image": self.transform(render(attributes, self.image_size, rng)),
-            "caption": self.caption(index),
+            "image": self.transform(image),
+            "caption": caption(attributes, omitted),
             "label": class_index(attributes["shape"], attributes["colour"]),
         }

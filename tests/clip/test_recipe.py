@@ -138,3 +138,12 @@ def test_missing_data_path_is_one_line(tmp_path, capsys):
     config = write_config(tmp_path, data={"train": str(tmp_path / "nowhere.csv"), "cache": False})
     code, _, err = run_cli(["train", "clip", "--config", config, "--out", tmp_path / "run"], capsys)
     one_line_error(code, err, 1, "data path not found")
+
+
+def test_convert_open_clip_cli_errors_are_one_line(tmp_path, capsys):
+    code, _, err = run_cli(["convert", "open-clip", "--model", "ViT-B-32", "--pretrained", tmp_path / "missing.pt",
+                            "--out", tmp_path / "out"], capsys)
+    one_line_error(code, err, 1, "missing.pt")
+    code, _, err = run_cli(["convert", "open-clip", "--model", "NoSuchNet", "--out", tmp_path / "out"], capsys)
+    one_line_error(code, err, 1, "NoSuchNet")
+    assert not (tmp_path / "out").exists()

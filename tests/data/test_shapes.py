@@ -150,3 +150,36 @@ def test_partial_captions_name_a_subset_of_the_attributes():
     assert any(len(captions[index].split()) == 3 for index in partial)  # "a red circle"
     val = ShapesDataset("val", 50, 16, seed=0)
     assert all(val.caption(index) == caption(val.attributes(index)) for index in range(50))  # complete in val
+
+
+def test_hard_negative_groups_differ_only_in_shape():
+    from mmgen.data.groups import GroupedItems
+    from mmgen.data.robust import collate_captions
+
+    dataset = ShapesDataset("train", 64, 16, seed=4, group_size=4)
+    for group in range(16):
+        members = [dataset.attributes(group * 4 + member) for member in range(4)]
+        assert len({(m["colour"], m["size"], m["position"]) for m in members}) == 1
+        assert len({m["shape"] for m in members}) == 4
+        assert all((m["shape"], m["colour"]) not in dataset.heldout for m in members)
+    batch = collate_captions([GroupedItems(dataset, 4)[i] for i in (0, 5)])
+    assert batch["images"].shape == (8, 3, 16, 16) and len(batch["captions"]) == 8
+    assert batch["labels"].tolist() == [dataset[i]["label"] for i in (0, 1, 2, 3, 20, 21, 22, 23)]
+    with pytest.raises(ConfigError, match="group_size must lie in"):
+        ShapesDataset("train", 8, 16, group_size=6)
+
+
+def test_captions_without_colour_come_with_grey_images():
+    dataset = ShapesDataset("train", 200, 16, seed=5)
+    checked = {"grey": 0, "colour": 0}
+    for index in range(200):
+        item, attributes = dataset[index], dataset.attributes(index)
+        channels_equal = torch.allclose(item["image"][0] * 0.26862954 + 0.48145466,
+                                        item["image"][1] * 0.26130258 + 0.4578275, atol=1e-5)
+        if attributes["colour"] in item["caption"].split():
+            checked["colour"] += 1
+            assert not channels_equal or attributes["colour"] == "white"
+        else:
+            checked["grey"] += 1
+            assert channels_equal
+    assert checked["grey"] > 10 and checked["colour"] > 100
