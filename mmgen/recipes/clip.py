@@ -19,10 +19,10 @@ from ..data.cache import InMemoryCaptions
 from ..data.captions import build_caption_dataset
 from ..data.groups import GroupedItems
 from ..errors import ConfigError
-from ..data.robust import BadSampleTracker, ReplaceBadSamples, SkipBadSamplesInStream, collate_captions
+from ..data.robust import BadSampleTracker, collate_captions
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
-from .common import check_run_dir, load_recipe_config, write_run_config
+from .common import caption_datasets, check_run_dir, load_recipe_config, robust, write_run_config
 
 # prompt ensemble for shapes zero-shot: the class embedding is the mean over every size and position phrase,
 # the way CLIP's zero-shot averages over prompt templates
@@ -80,27 +80,15 @@ class TokenizingCollate:
 
 def build_datasets(recipe: CLIPRecipe, rank: int = 0, world_size: int = 1, progress: bool = True):
     """(train, val) datasets whose bad samples are replaced (map-style) or skipped (streams) and counted."""
-    data, size = recipe.data, recipe.model.vision.image_size
-    options = dict(image_size=size, columns=data.columns, templates=data.templates, crop_scale=data.crop_scale,
-                   seed=recipe.train.seed, rank=rank, world_size=world_size)
-    train_set = build_caption_dataset(data.train, split="train", train=True, shapes_group_size=data.hard_negatives,
-                                      **options)
-    if data.cache:
-        if isinstance(train_set, torch.utils.data.IterableDataset):
-            raise ConfigError("data.cache needs a finite dataset (a table, a folder or shapes), not streamed shards")
-        train_set = InMemoryCaptions(train_set, num_workers=recipe.train.num_workers, progress=progress,
-                                     description="caching training images")
-    val_set = build_caption_dataset(data.val, split="val", train=False, **options) if data.val else None
-    train_set = _robust(train_set)
+    data = recipe.data
+    train_set, val_set = caption_datasets(
+        data, image_size=recipe.model.vision.image_size, normalize="clip", seed=recipe.train.seed, rank=rank,
+        world_size=world_size, num_workers=recipe.train.num_workers, progress=progress,
+        shapes_group_size=data.hard_negatives)
+    train_set = robust(train_set)
     if data.hard_negatives > 1:
         train_set = GroupedItems(train_set, data.hard_negatives)
-    return train_set, _robust(val_set) if val_set is not None else None
-
-
-def _robust(dataset):
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        return SkipBadSamplesInStream(dataset)
-    return ReplaceBadSamples(dataset)
+    return train_set, robust(val_set) if val_set is not None else None
 
 
 class _FirstItems(torch.utils.data.IterableDataset):

@@ -41,7 +41,7 @@ def write_run_config(run_dir: Path, config) -> None:
 
 
 def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: int = 0, world_size: int = 1,
-                     num_workers: int = 0, progress: bool = True):
+                     num_workers: int = 0, progress: bool = True, shapes_group_size: int = 1):
     """(train, val-or-None) raw caption datasets of a `data:` section (train, val, columns, templates, crop_scale, cache).
 
     With data.cache the training set is decoded once into memory (finite datasets only)."""
@@ -50,7 +50,8 @@ def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: 
 
     options = dict(image_size=image_size, normalize=normalize, columns=data.columns, templates=data.templates,
                    crop_scale=data.crop_scale, seed=seed, rank=rank, world_size=world_size)
-    train_set = build_caption_dataset(data.train, split="train", train=True, **options)
+    train_set = build_caption_dataset(data.train, split="train", train=True, shapes_group_size=shapes_group_size,
+                                      **options)
     if data.cache:
         if isinstance(train_set, torch.utils.data.IterableDataset):
             raise ConfigError("data.cache needs a finite dataset (a table, a folder or shapes), not streamed shards")

@@ -311,7 +311,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean loss over the fixed validation batches, plus whatever `evaluate_fn` reports."""
-        accelerator, config = self.accelerator, self.config
+        accelerator = self.accelerator
         model = self.prepared_model
         metrics = {}
         model.eval()

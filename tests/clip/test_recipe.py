@@ -4,7 +4,6 @@ import json
 
 import pytest
 import yaml
-from PIL import Image
 
 import mmgen
 from mmgen import cli

@@ -103,7 +103,7 @@ def test_kv_cache_matches_full_causal_attention(layer, use_rotary):
 
 
 def test_rotary_matches_transformers_llama():
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half  # noqa: F401
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     torch.manual_seed(2)
     head_dim, seq = 16, 12
