@@ -18,8 +18,8 @@ from ..data import shapes
 from ..data.cache import InMemoryCaptions
 from ..data.captions import build_caption_dataset
 from ..data.groups import GroupedItems
-from ..errors import ConfigError
 from ..data.robust import BadSampleTracker, collate_captions
+from ..errors import ConfigError
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
 from .common import caption_datasets, check_run_dir, load_recipe_config, robust, write_run_config

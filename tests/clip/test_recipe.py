@@ -146,3 +146,17 @@ def test_convert_open_clip_cli_errors_are_one_line(tmp_path, capsys):
     code, _, err = run_cli(["convert", "open-clip", "--model", "NoSuchNet", "--out", tmp_path / "out"], capsys)
     one_line_error(code, err, 1, "NoSuchNet")
     assert not (tmp_path / "out").exists()
+
+
+def test_train_script_runs_like_the_cli(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "train" / "clip.py"
+    config = write_config(tmp_path, data={"zeroshot": None, "retrieval": None, "val": None},
+                          train={"max_steps": 2, "eval_every": 0, "checkpoint_every": 0})
+    result = subprocess.run([sys.executable, str(script), "--config", str(config), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert isinstance(mmgen.load(tmp_path / "run"), CLIP)
