@@ -99,7 +99,7 @@ def caption(attributes: dict, omit: tuple[str, ...] = ()) -> str:
 # (leaving colour out is listed twice: colour is learned first and fastest, and a caption without it is what
 # makes the contrastive loss depend on the shape)
 PARTIAL_CAPTIONS = (("position",), ("size",), ("size", "position"), ("shape",), ("colour",), ("colour",),
-                    ("colour",), ("colour", "position"), ("colour", "size"))
+                    ("colour",), ("colour",), ("colour", "position"), ("colour", "position"), ("colour", "size"))
 
 
 def heldout_pairs(fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0) -> frozenset[tuple[str, str]]:
@@ -187,8 +187,8 @@ class ShapesDataset(Dataset):
         all_pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
         self.pairs = [pair for pair in all_pairs if (pair in self.heldout) == (split == "val")]
         self.transform = tensor_transform(normalize)
-        # default: 70% of the training captions are partial; evaluation captions are always complete
-        self.partial_captions = (0.7 if split == "train" else 0.0) if partial_captions is None else partial_captions
+        # default: 80% of the training captions are partial; evaluation captions are always complete
+        self.partial_captions = (0.8 if split == "train" else 0.0) if partial_captions is None else partial_captions
         if not 0.0 <= self.partial_captions <= 1.0:
             raise ConfigError(f"partial_captions must lie in [0, 1], got {self.partial_captions}")
 
