@@ -96,8 +96,8 @@ def caption(attributes: dict, omit: tuple[str, ...] = ()) -> str:
 
 # partial captions name a subset of the attributes, like real captions do; learning that "a red shape" and
 # "a circle" both describe a red circle is what lets CLIP recognise colour/shape pairs it never saw together
-# (leaving colour out is listed twice: colour is learned first and fastest, and a caption without it is what
-# makes the contrastive loss depend on the shape)
+# (forms without colour are listed several times: colour is learned first and fastest, and a caption without it,
+# shown with a grey image, is what makes the model read shape independently of colour; see docs/benchmarks.md)
 PARTIAL_CAPTIONS = (("position",), ("size",), ("size", "position"), ("shape",), ("colour",), ("colour",),
                     ("colour",), ("colour",), ("colour", "position"), ("colour", "position"), ("colour", "size"))
 
