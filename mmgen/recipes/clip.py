@@ -189,7 +189,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
         if model.training:
             tracker.update(batch)
         output = model(batch["images"], batch["tokens"])
-        metrics = {"train/logit_scale": output.logit_scale.item()}
+        metrics = {"train/logit_scale": output.logit_scale}
         if tracker.skipped:
             metrics["data/skipped_total"] = tracker.skipped
         return criterion(*output), metrics

@@ -253,7 +253,8 @@ class Trainer:
                         loss, extras = _split_loss(self.loss_fn(model, batch))
                         loss = loss / config.grad_accum_steps
                     for name, value in extras.items():
-                        window_extras.setdefault(name, []).append(float(value))
+                        # tensors stay on the device until the log step: no host sync per step
+                        window_extras.setdefault(name, []).append(value.detach() if torch.is_tensor(value) else value)
                     accelerator.backward(loss)
                     window_loss += loss.detach()
                 if config.grad_clip > 0:
@@ -401,9 +402,10 @@ def _split_loss(output) -> tuple[torch.Tensor, dict]:
     return output, {}
 
 
-def _summarise(extras: dict[str, list[float]]) -> dict[str, float]:
+def _summarise(extras: dict[str, list]) -> dict[str, float]:
     """Mean of each extra metric over the logging window; `*_total` counters keep their latest value."""
-    return {name: values[-1] if name.endswith("_total") else sum(values) / len(values) for name, values in extras.items()}
+    return {name: float(values[-1] if name.endswith("_total") else sum(values) / len(values))
+            for name, values in extras.items()}
 
 
 def _to_device(batch, device):
