@@ -20,6 +20,7 @@ MODEL_TYPES: dict[str, str] = {
     "gpt": "mmgen.text.gpt:GPT",
     "clip": "mmgen.clip.model:CLIP",
     "unet": "mmgen.diffusion.unet:UNet",
+    "vae": "mmgen.diffusion.vae:VAE",
     "text2img": "mmgen.diffusion.text2img:TextToImage",
 }
 
