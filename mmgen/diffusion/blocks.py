@@ -10,24 +10,30 @@ from ..nn import TransformerBlock
 
 
 class ResidualBlock(nn.Module):
-    """Norm-SiLU-conv, the conditioning vector added (or as scale and shift), norm-SiLU-dropout-conv, plus a skip."""
+    """Norm-SiLU-conv, the conditioning vector added (or as scale and shift), norm-SiLU-dropout-conv, plus a skip.
+
+    With embedding_dim=None the block is unconditioned (the VAE's): it has no embedding projection and takes none.
+    """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        embedding_dim: int,
+        embedding_dim: int | None,
         *,
         groups: int = 32,
         dropout: float = 0.0,
         scale_shift_norm: bool = True,
+        eps: float = 1e-5,
     ):
         super().__init__()
         self.scale_shift_norm = scale_shift_norm
-        self.norm_in = nn.GroupNorm(groups, in_channels)
+        self.norm_in = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv_in = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.embedding_proj = nn.Linear(embedding_dim, out_channels * (2 if scale_shift_norm else 1))
-        self.norm_out = nn.GroupNorm(groups, out_channels)
+        self.embedding_proj = None
+        if embedding_dim is not None:
+            self.embedding_proj = nn.Linear(embedding_dim, out_channels * (2 if scale_shift_norm else 1))
+        self.norm_out = nn.GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv_out = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # the residual branch starts at zero, so a freshly built block is its skip path
@@ -35,16 +41,22 @@ class ResidualBlock(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
         """x (batch, in_channels, height, width), embedding (batch, embedding_dim) -> (batch, out_channels, h, w)."""
+        if (embedding is None) != (self.embedding_proj is None):
+            needs = "takes no embedding (embedding_dim is None)" if embedding is not None else "needs an embedding"
+            raise ValueError(f"this residual block {needs}")
         h = self.conv_in(F.silu(self.norm_in(x)))
-        condition = self.embedding_proj(F.silu(embedding))[:, :, None, None]  # (batch, channels or 2 * channels, 1, 1)
-        if self.scale_shift_norm:
-            # ADM's AdaGN (Dhariwal & Nichol 2021): the embedding scales and shifts the normalised features
-            scale, shift = condition.chunk(2, dim=1)
-            h = self.norm_out(h) * (1 + scale) + shift
+        if embedding is None:
+            h = self.norm_out(h)
         else:
-            h = self.norm_out(h + condition)
+            condition = self.embedding_proj(F.silu(embedding))[:, :, None, None]  # (batch, (2 *) channels, 1, 1)
+            if self.scale_shift_norm:
+                # ADM's AdaGN (Dhariwal & Nichol 2021): the embedding scales and shifts the normalised features
+                scale, shift = condition.chunk(2, dim=1)
+                h = self.norm_out(h) * (1 + scale) + shift
+            else:
+                h = self.norm_out(h + condition)
         h = self.conv_out(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
