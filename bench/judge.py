@@ -7,6 +7,7 @@ samples. The trained judge is cached (model.safetensors + judge.json) and reused
 
     python bench/judge.py                       # train (or load) the 32px judge, report its accuracy
     python bench/judge.py --image-size 64 --retrain
+    python bench/judge.py --extra-shapes heart     # a judge that also reads an extra shape (EXTRA_SHAPES)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from mmgen.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, render
+from mmgen.data.shapes import COLOURS, EXTRA_SHAPES, POSITIONS, SHAPES, SIZES, render, with_extra_shapes
 from mmgen.io import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -227,7 +228,8 @@ def load_or_train_judge(image_size: int = 32, cache_dir: str | Path | None = Non
     """The cached judge for `image_size` and `shapes` if one with the same config (version included) is in
     `cache_dir`; otherwise train one (a minute or two on CPU), measure its accuracy and cache it there.
 
-    New shape names need a `renderer` that can draw them (mmgen.data.shapes.render only knows SHAPES)."""
+    mmgen.data.shapes.render draws SHAPES and the opt-in EXTRA_SHAPES (e.g. shapes=SHAPES + ("heart",)); other shape
+    names need a `renderer` that can draw them."""
     config = JudgeConfig(image_size=image_size, shapes=tuple(shapes))
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(config)
     if not retrain and (cache_dir / "judge.json").is_file():
@@ -254,9 +256,12 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="default: bench/results/judge-<size>px/")
     parser.add_argument("--retrain", action="store_true", help="train even if a matching cached judge exists")
     parser.add_argument("--eval-renders", type=int, default=2000, help="fresh renders to re-measure accuracy on")
+    parser.add_argument("--extra-shapes", default="", help=f"comma-separated extra shapes to read too "
+                                                           f"({', '.join(EXTRA_SHAPES)})")
     args = parser.parse_args()
     start = time.perf_counter()
-    judge = load_or_train_judge(args.image_size, args.cache_dir, retrain=args.retrain)
+    shapes = with_extra_shapes([name for name in args.extra_shapes.split(",") if name])
+    judge = load_or_train_judge(args.image_size, args.cache_dir, shapes=shapes, retrain=args.retrain)
     loaded_s = time.perf_counter() - start
     evaluation = evaluate_judge(judge, args.eval_renders, seed=2)
     print(f"judge {args.image_size}px: trained in {judge.report.get('train_seconds', '?')}s "

@@ -14,6 +14,7 @@ from .io import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # a LoRA adapter folder (mmgen.finetune.adapter), not a model
 
 # model_type in config.json -> "module:Class"; imported only when such a folder is loaded
 MODEL_TYPES: dict[str, str] = {
@@ -22,6 +23,9 @@ MODEL_TYPES: dict[str, str] = {
     "unet": "mmgen.diffusion.unet:UNet",
     "vae": "mmgen.diffusion.vae:VAE",
     "text2img": "mmgen.diffusion.text2img:TextToImage",
+    "prior": "mmgen.diffusion.prior:DiffusionPrior",
+    "decoder": "mmgen.diffusion.decoder:UnCLIPDecoder",
+    "clip-classifier": "mmgen.clip.classifier:CLIPClassifier",
 }
 
 
@@ -114,6 +118,11 @@ def resolve_model_folder(path: str | Path) -> Path:
     if (path / CONFIG_NAME).exists():
         return path
     latest = latest_checkpoint(path)
+    if latest is not None and (latest / CONFIG_NAME).exists():
+        return latest
+    if any((folder / ADAPTER_CONFIG_NAME).exists() for folder in (path, path / "final", latest) if folder is not None):
+        raise CheckpointError(f"{path} holds a LoRA adapter, not a model: pass it as --adapter with its base as the "
+                              "checkpoint, or merge the two with mmgen merge-lora")
     if latest is not None:
         return latest
     raise CheckpointError(f"{path} holds no mmgen model (no config.json, final/ or checkpoints/step-N/)")

@@ -12,7 +12,7 @@ import json
 import re
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -49,21 +49,23 @@ def build_caption_dataset(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
-    shapes_group_size: int = 1,
+    shapes_options: Mapping | None = None,
 ):
     """The caption dataset that `spec` names:
 
-    - "shapes[:SPLIT][:SIZE]" (e.g. "shapes", "shapes:val", "shapes:val:500") -> ShapesDataset; SPLIT defaults to
-      `split` (the only use of `split`: for a path, the file is the split). "./shapes" means a path.
+    - "shapes[:SPLIT][:SIZE][:extra=SHAPE,...]" (e.g. "shapes", "shapes:val:500", "shapes:train:extra=heart")
+      -> ShapesDataset, with opt-in extra shapes (mmgen.data.shapes.EXTRA_SHAPES); SPLIT defaults to `split` (the
+      only use of `split`: for a path, the file is the split). "./shapes" means a path.
     - a .csv / .tsv / .jsonl table -> CaptionTable with `columns` = (image column, caption column);
     - a .tar shard, a folder of .tar shards or a brace pattern "shards-{000..009}.tar" -> WebDatasetShards,
       streamed and split over (rank, world_size) and DataLoader workers;
     - a folder with one sub-folder of images per class -> LabelledImageFolder with prompt `templates`.
     `train` picks random crops (`crop_scale`; shapes are never cropped) and shuffled shards; `normalize` is
-    "clip" or "minus_one_to_one"; `shapes_group_size` > 1 makes shapes come in hard-negative groups (ShapesDataset).
+    "clip" or "minus_one_to_one"; `shapes_options` are ShapesDataset keyword arguments (group_size, partial_captions,
+    grey_without_colour), used only for shapes.
     Problems with the path or its contents raise UserError."""
     if spec == "shapes" or spec.startswith("shapes:"):
-        return _shapes_dataset(spec, split, image_size, seed, normalize, shapes_group_size)
+        return _shapes_dataset(spec, split, image_size, seed, normalize, shapes_options or {})
     transform = image_transform(image_size, train=train, normalize=normalize, crop_scale=crop_scale)
     stream = {"rank": rank, "world_size": world_size, "seed": seed, "shuffle_buffer": SHUFFLE_BUFFER if train else 0}
     if "{" in spec:
@@ -90,16 +92,19 @@ def build_caption_dataset(
     )
 
 
-def _shapes_dataset(spec: str, split: str, image_size: int, seed: int, normalize: str, group_size: int) -> ShapesDataset:
-    size = None
+def _shapes_dataset(spec: str, split: str, image_size: int, seed: int, normalize: str, options: Mapping) -> ShapesDataset:
+    size, options = None, dict(options)
     for part in spec.split(":")[1:]:
         if part in SPLITS:
             split = part
         elif part.isdigit() and int(part) > 0:
             size = int(part)
+        elif part.startswith("extra=") and part != "extra=":
+            options["extra_shapes"] = tuple(part[len("extra="):].split(","))
         else:
-            raise UserError(f"data spec {spec!r}: {part!r} is neither a split ({', '.join(SPLITS)}) nor a size")
-    return ShapesDataset(split, size, image_size, seed, normalize=normalize, group_size=group_size)
+            raise UserError(f"data spec {spec!r}: {part!r} is neither a split ({', '.join(SPLITS)}), a size nor "
+                            "extra=SHAPE[,SHAPE]")
+    return ShapesDataset(split, size, image_size, seed, normalize=normalize, **options)
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")

@@ -101,6 +101,16 @@ def denormalize(images: torch.Tensor, normalize: str = "clip") -> torch.Tensor:
     return (images * std + mean).clamp(0.0, 1.0)
 
 
+def clip_input(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Images (batch, 3, H, W) in [-1, 1] -> CLIP-normalised images resized to image_size (what CLIP's tower reads)."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=images.dtype)[:, None, None]
+    std = torch.tensor(CLIP_STD, device=images.device, dtype=images.dtype)[:, None, None]
+    if images.shape[-2:] != (image_size, image_size):
+        images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
+                                                 align_corners=False, antialias=True)
+    return ((images + 1) / 2 - mean) / std
+
+
 def to_pil_images(images: torch.Tensor, normalize: str = "minus_one_to_one") -> list[Image.Image]:
     """Normalised images (batch, 3, H, W) -> 8-bit RGB PIL images (values outside the range are clamped)."""
     pixels = (denormalize(images.detach().float().cpu(), normalize) * 255).round().to(torch.uint8)

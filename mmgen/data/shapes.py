@@ -5,11 +5,18 @@ Held-out compositions: a fixed seeded ~20% of the shape x colour pairs never app
 the "val" split draws only from them (every size and position occurs in both splits). Every shape and every colour
 still occurs in train, so val measures compositional generalisation: zero-shot classification over the
 shape x colour classes (`class_names()`) and retrieval with captions of unseen combinations.
+
+Extra shapes (EXTRA_SHAPES: "heart", "hexagon", "pentagon") are opt-in classes for teaching a trained model a shape
+it never saw: `ShapesDataset(..., extra_shapes=("heart",))`, or the data spec "shapes:train:2000:extra=heart". They
+come after SHAPES in the label order and hold out their own seeded colours, so the default datasets (renders,
+captions, labels, held-out pairs) are exactly what they are without them. To add another one, add its outline to
+EXTRA_OUTLINES (and retrain bench/judge.py's judge with it).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -53,6 +60,20 @@ def _cross(arm: float = 0.33) -> list[tuple[float, float]]:
     return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
 
 
+def _regular_polygon(corners: int) -> list[tuple[float, float]]:
+    return [(math.cos(-math.pi / 2 + 2 * math.pi * k / corners), math.sin(-math.pi / 2 + 2 * math.pi * k / corners))
+            for k in range(corners)]
+
+
+def _heart(points: int = 48) -> list[tuple[float, float]]:
+    # the classic parametric heart (y flipped: the point at the bottom), centred and scaled into [-1, 1]^2
+    curve = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)))
+             for t in (2 * math.pi * k / points for k in range(points))]
+    top, bottom = min(y for _, y in curve), max(y for _, y in curve)
+    half = max(16.0, (bottom - top) / 2)
+    return [(x / half, (y - (top + bottom) / 2) / half) for x, y in curve]
+
+
 # outlines in unit coordinates: the shape fills [-1, 1]^2 around its centre (y points down)
 _OUTLINES = {
     "square": [(-0.85, -0.85), (0.85, -0.85), (0.85, 0.85), (-0.85, 0.85)],
@@ -61,16 +82,33 @@ _OUTLINES = {
     "cross": _cross(),
     "diamond": [(0.0, -1.0), (0.7, 0.0), (0.0, 1.0), (-0.7, 0.0)],
 }
+# opt-in shapes that SHAPES (and so every default dataset) leaves out; see the module docstring
+EXTRA_OUTLINES = {
+    "heart": _heart(),
+    "hexagon": _regular_polygon(6),
+    "pentagon": _regular_polygon(5),
+}
+EXTRA_SHAPES = tuple(EXTRA_OUTLINES)
 
 
-def class_names() -> list[str]:
+def with_extra_shapes(extra_shapes: Sequence[str] = ()) -> tuple[str, ...]:
+    """SHAPES followed by the named EXTRA_SHAPES; an unknown or repeated name is a ConfigError."""
+    for shape in extra_shapes:
+        if shape not in EXTRA_SHAPES:
+            raise ConfigError(f"unknown extra shape {shape!r} (extra shapes: {', '.join(EXTRA_SHAPES)})")
+    if len(set(extra_shapes)) != len(extra_shapes):
+        raise ConfigError(f"extra shapes repeat a name: {', '.join(extra_shapes)}")
+    return SHAPES + tuple(extra_shapes)
+
+
+def class_names(shapes: Sequence[str] = SHAPES) -> list[str]:
     """The shape x colour classes, e.g. "red circle", in label order (label = shape index * colours + colour index)."""
-    return [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
+    return [f"{colour} {shape}" for shape in shapes for colour in COLOURS]
 
 
-def class_index(shape: str, colour: str) -> int:
-    """The label of a shape x colour pair (its position in `class_names()`)."""
-    return SHAPES.index(shape) * len(COLOURS) + COLOURS.index(colour)
+def class_index(shape: str, colour: str, shapes: Sequence[str] = SHAPES) -> int:
+    """The label of a shape x colour pair (its position in `class_names(shapes)`)."""
+    return list(shapes).index(shape) * len(COLOURS) + COLOURS.index(colour)
 
 
 def position_phrase(position: str) -> str:
@@ -119,6 +157,18 @@ def heldout_pairs(fraction: float = DEFAULT_HELDOUT_FRACTION, seed: int = 0) -> 
     return frozenset(chosen)
 
 
+def heldout_extra_pairs(extra_shapes: Sequence[str], fraction: float = DEFAULT_HELDOUT_FRACTION,
+                        seed: int = 0) -> frozenset[tuple[str, str]]:
+    """For each extra shape, a seeded ~`fraction` of the colours (at least one) held out of train, drawn apart from
+    `heldout_pairs` so that adding an extra shape never changes the built-in shapes' held-out pairs."""
+    count = max(1, round(fraction * len(COLOURS)))
+    chosen = set()
+    for shape in extra_shapes:
+        order = np.random.default_rng([seed, 1 + EXTRA_SHAPES.index(shape)]).permutation(len(COLOURS))
+        chosen.update((shape, COLOURS[index]) for index in order[:count])
+    return frozenset(chosen)
+
+
 def render(attributes: dict, image_size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
     """Draw the shape described by `attributes` (shape, colour, size, position) as an RGB image.
 
@@ -147,7 +197,7 @@ def render(attributes: dict, image_size: int = 64, rng: np.random.Generator | No
     else:
         cos, sin = math.cos(angle), math.sin(angle)
         outline = [(centre_x + radius * (x * cos - y * sin), centre_y + radius * (x * sin + y * cos))
-                   for x, y in _OUTLINES[attributes["shape"]]]
+                   for x, y in _OUTLINES.get(attributes["shape"]) or EXTRA_OUTLINES[attributes["shape"]]]
         draw.polygon(outline, fill=fill)
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
     noisy = np.asarray(image, dtype=np.float32) + rng.normal(0.0, 3.0, size=(image_size, image_size, 3))
@@ -156,6 +206,8 @@ def render(attributes: dict, image_size: int = 64, rng: np.random.Generator | No
 
 class ShapesDataset(Dataset):
     """`size` items (default DEFAULT_SIZES[split]) {"image": (3, image_size, image_size) float, "caption": str, "label": shape x colour class}.
+
+    `extra_shapes` (names from EXTRA_SHAPES) add those shapes in every colour, some colours held out as above.
 
     Deterministic by (seed, split, index). No random crop or flip: positions are part of the captions, so the
     only augmentation is the rendering jitter (see `render`)."""
@@ -173,6 +225,7 @@ class ShapesDataset(Dataset):
         partial_captions: float | None = None,
         group_size: int = 1,
         grey_without_colour: bool = True,
+        extra_shapes: Sequence[str] = (),
     ):
         if split not in SPLITS:
             raise ConfigError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -183,8 +236,11 @@ class ShapesDataset(Dataset):
         self.size = size
         self.image_size = image_size
         self.seed = seed
+        self.shapes = with_extra_shapes(extra_shapes)
         self.heldout = heldout_pairs(heldout_fraction, heldout_seed)
-        all_pairs = [(shape, colour) for shape in SHAPES for colour in COLOURS]
+        if extra_shapes:
+            self.heldout |= heldout_extra_pairs(extra_shapes, heldout_fraction, heldout_seed)
+        all_pairs = [(shape, colour) for shape in self.shapes for colour in COLOURS]
         self.pairs = [pair for pair in all_pairs if (pair in self.heldout) == (split == "val")]
         self.transform = tensor_transform(normalize)
         # default: 80% of the training captions are partial; evaluation captions are always complete
@@ -256,5 +312,9 @@ class ShapesDataset(Dataset):
         return {
             "image": self.transform(image),
             "caption": caption(attributes, omitted),
-            "label": class_index(attributes["shape"], attributes["colour"]),
+            "label": class_index(attributes["shape"], attributes["colour"], self.shapes),
         }
+
+    def class_names(self) -> list[str]:
+        """This dataset's shape x colour classes in label order (the built-in ones, then the extra shapes')."""
+        return class_names(self.shapes)

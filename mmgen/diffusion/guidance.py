@@ -8,9 +8,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch.nn import functional as F
 
-from ..data.images import CLIP_MEAN, CLIP_STD
+from ..data.images import clip_input
 from .samplers import ModelFn
 from .schedule import NoiseSchedule
 
@@ -100,11 +99,7 @@ def clip_score(clip, text_embeddings: torch.Tensor) -> ScoreFn:
     size = clip.config.vision.image_size
 
     def score(x0: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(CLIP_MEAN, device=x0.device, dtype=x0.dtype)[:, None, None]
-        std = torch.tensor(CLIP_STD, device=x0.device, dtype=x0.dtype)[:, None, None]
-        if x0.shape[-2:] != (size, size):
-            x0 = F.interpolate(x0, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        image_embeddings = clip.encode_image(((x0 + 1) / 2 - mean) / std)
+        image_embeddings = clip.encode_image(clip_input(x0, size))
         return clip.logit_scale_exp() * (image_embeddings * text_embeddings.to(image_embeddings.dtype)).sum(dim=-1)
 
     return score

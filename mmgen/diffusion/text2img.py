@@ -8,6 +8,10 @@ use the very same unconditional input.
 The whole CLIP (vision tower included, so CLIP guidance works with no other model) is part of the module: its
 weights are saved in the same model.safetensors as the UNet's and its config in config.json, so a text2img
 folder is self-contained and loads with `mmgen.load` alone.
+
+Latent diffusion (Rombach et al. 2022) is the same model with a frozen VAE embedded beside the CLIP: the UNet
+denoises the VAE's scaled latents instead of pixels. `encode_images` and `decode_samples` are the only places
+where the two differ (the identity without a VAE), so the loss, the samplers and the guidance are shared.
 """
 
 from __future__ import annotations
@@ -22,25 +26,38 @@ from ..clip.tokenizer import CLIPTokenizer
 from ..hub import PretrainedMixin
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
+from .vae import VAE, VAEConfig
 
 
 @dataclass
 class TextToImageConfig:
-    """A UNet on images of `image_size` with the UNet's in_channels, a noise schedule, and the text encoder's config.
+    """A UNet making images of `image_size`, a noise schedule, the text encoder's config and, for latent diffusion,
+    the config of the VAE whose latents the UNet denoises (None: the UNet denoises pixels).
 
-    unet.context_dim must be the CLIP's text width and unet.pooled_dim its embed_dim (`from_text_encoder` sets both).
+    unet.context_dim must be the CLIP's text width and unet.pooled_dim its embed_dim (`from_text_encoder` sets both);
+    with a VAE, unet.in_channels must be its latent_channels and image_size a multiple of its downsampling factor.
     """
 
     image_size: int = 64
     unet: UNetConfig = field(default_factory=lambda: UNetConfig(context_dim=512, pooled_dim=512))
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     text_encoder: CLIPConfig = field(default_factory=CLIPConfig)
+    vae: VAEConfig | None = None
 
     def __post_init__(self):
-        factor = 2 ** (len(self.unet.channel_multipliers) - 1)
-        if self.image_size < 1 or self.image_size % factor:
-            raise ValueError(f"image_size must be a positive multiple of {factor} (the UNet's downsampling), "
-                             f"got {self.image_size}")
+        factor = 2 ** (len(self.unet.channel_multipliers) - 1)  # the UNet's downsampling
+        if self.vae is None:
+            if self.image_size < 1 or self.image_size % factor:
+                raise ValueError(f"image_size must be a positive multiple of {factor} (the UNet's downsampling), "
+                                 f"got {self.image_size}")
+        else:
+            factor *= self.vae.downsampling_factor
+            if self.image_size < 1 or self.image_size % factor:
+                raise ValueError(f"image_size must be a positive multiple of {factor} (the VAE's downsampling "
+                                 f"times the UNet's), got {self.image_size}")
+            if self.unet.in_channels != self.vae.latent_channels:
+                raise ValueError(f"unet.in_channels ({self.unet.in_channels}) must equal the VAE's latent_channels "
+                                 f"({self.vae.latent_channels}): the UNet denoises the VAE's latents")
         if self.unet.out_channels != self.unet.in_channels:
             raise ValueError(f"unet.out_channels ({self.unet.out_channels}) must equal unet.in_channels "
                              f"({self.unet.in_channels}): the UNet predicts noise shaped like the image")
@@ -52,7 +69,17 @@ class TextToImageConfig:
     @property
     def channels(self) -> int:
         """Image channels (3 for RGB)."""
-        return self.unet.in_channels
+        return self.vae.in_channels if self.vae is not None else self.unet.in_channels
+
+    @property
+    def sample_size(self) -> int:
+        """Height and width of what the UNet denoises: image_size, or the latents' size with a VAE."""
+        return self.image_size // (self.vae.downsampling_factor if self.vae is not None else 1)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one sample the UNet denoises: an image, or a VAE latent."""
+        return (self.unet.in_channels, self.sample_size, self.sample_size)
 
 
 def tokenize_prompts(prompts: list[str], context_length: int) -> torch.Tensor:
@@ -68,7 +95,10 @@ def tokenize_prompts(prompts: list[str], context_length: int) -> torch.Tensor:
 
 
 class TextToImage(nn.Module, PretrainedMixin):
-    """forward(x_t, t, tokens) -> the UNet's prediction; `encode_text` + `denoise` split it for sampling."""
+    """forward(x_t, t, tokens) -> the UNet's prediction; `encode_text` + `denoise` split it for sampling.
+
+    x_t lives in sample space: pixels, or a frozen VAE's latents (`encode_images` / `decode_samples` convert).
+    """
 
     model_type = "text2img"
     config_class = TextToImageConfig
@@ -79,25 +109,53 @@ class TextToImage(nn.Module, PretrainedMixin):
         self.schedule = config.schedule
         self.unet = UNet(config.unet)
         self.text_encoder = CLIP(config.text_encoder).requires_grad_(False).eval()
+        self.vae = VAE(config.vae).requires_grad_(False).eval() if config.vae is not None else None
 
     @classmethod
-    def from_text_encoder(cls, clip: CLIP, image_size: int, unet: UNetConfig, schedule: NoiseSchedule) -> "TextToImage":
-        """A new model (random UNet) on a copy of `clip`, with the UNet's context and pooled widths set to fit it."""
+    def from_text_encoder(cls, clip: CLIP, image_size: int, unet: UNetConfig, schedule: NoiseSchedule,
+                          vae: VAE | None = None) -> "TextToImage":
+        """A new model (random UNet) on copies of `clip` (and of `vae`: latent diffusion), with the UNet's context and
+        pooled widths set to fit the CLIP."""
         unet = replace(unet, context_dim=clip.config.text.width, pooled_dim=clip.config.embed_dim)
-        model = cls(TextToImageConfig(image_size, unet, schedule, clip.config))
+        model = cls(TextToImageConfig(image_size, unet, schedule, clip.config, vae.config if vae else None))
         model.text_encoder.load_state_dict(clip.state_dict())
+        if vae is not None:
+            model.vae.load_state_dict(vae.state_dict())
         return model
 
     def train(self, mode: bool = True) -> "TextToImage":
-        """Set the UNet's mode; the frozen text encoder always stays in eval mode."""
+        """Set the UNet's mode; the frozen text encoder and VAE always stay in eval mode."""
         super().train(mode)
         self.text_encoder.eval()
+        if self.vae is not None:
+            self.vae.eval()
         return self
 
     @property
     def context_length(self) -> int:
         """The text encoder's (and tokenizer's) context length."""
         return self.config.text_encoder.text.context_length
+
+    @property
+    def bounded_samples(self) -> bool:
+        """Whether samples lie in [-1, 1] (pixels: samplers may clip their x0 estimates) or not (VAE latents)."""
+        return self.vae is None
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """What the UNet learns to denoise: images (batch, C, H, W) in [-1, 1] themselves, or with a VAE their
+        scaled latents (a posterior sample drawn with `generator`) (batch, latent_channels, H / f, W / f)."""
+        if self.vae is None:
+            return images
+        return self.vae.encode_latents(images, generator)
+
+    def decode_samples(self, samples: torch.Tensor) -> torch.Tensor:
+        """Images in about [-1, 1] from denoised samples: the samples themselves, or the VAE's decoding of latents.
+
+        Differentiable (CLIP guidance backpropagates through the VAE decoder to the latents)."""
+        if self.vae is None:
+            return samples
+        return self.vae.decode_latents(samples)
 
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> TextEncoding:

@@ -13,6 +13,7 @@ from .adapter import (  # noqa: E402
     load_adapted,
     load_adapter,
     read_adapter_config,
+    resolve_adapter_folder,
     save_adapter,
     write_adapter,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "quantized_weight_bytes",
     "read_adapter_config",
     "require_bitsandbytes",
+    "resolve_adapter_folder",
     "save_adapter",
     "summary",
     "target_layers",

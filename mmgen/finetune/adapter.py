@@ -15,11 +15,12 @@ from torch import nn
 
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
+from ..hub import ADAPTER_CONFIG_NAME, CONFIG_NAME, latest_checkpoint
 from ..io import atomic_folder, load_tensors, read_json, save_tensors, write_json
 from .lora import ADAPTER_NAME, LoRAConfig, add_lora, lora_state, model_type_of
 from .quantize import logical_shape
 
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_CONFIG = ADAPTER_CONFIG_NAME
 ADAPTER_WEIGHTS = "adapter.safetensors"
 FORMAT = "mmgen-lora/1"
 
@@ -66,6 +67,19 @@ def write_adapter(model: nn.Module, folder: str | Path, base: str | None = None)
     write_json(folder / ADAPTER_CONFIG, meta)
 
 
+def resolve_adapter_folder(path: str | Path) -> Path:
+    """The adapter folder behind `path`: the folder itself, RUN_DIR/final, or RUN_DIR's latest checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"adapter folder not found: {path}")
+    for candidate in (path, path / "final", latest_checkpoint(path)):
+        if candidate is not None and (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    if (path / CONFIG_NAME).is_file() or (path / "final" / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{path} holds a full model, not an adapter (pass it as --checkpoint)")
+    raise CheckpointError(f"{path} holds no adapter (no {ADAPTER_CONFIG} in it, its final/ or its checkpoints)")
+
+
 def read_adapter_config(folder: str | Path) -> dict:
     """adapter_config.json of an adapter folder, checked for the keys load_adapter needs."""
     folder = Path(folder)
@@ -79,7 +93,7 @@ def read_adapter_config(folder: str | Path) -> dict:
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Put the adapter in `folder` on `model` (in place) and return it.
+    """Put the adapter in `folder` (or an adapter run's final/ or latest checkpoint) on `model`, in place; return it.
 
     `model` is the base, or a model already adapted with the same LoRA config (whose LoRA weights are replaced).
     The base is prepared as in training (a qlora adapter quantises it to 4 bits), so the result computes what was
@@ -87,7 +101,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     """
     from peft import set_peft_model_state_dict
 
-    folder = Path(folder)
+    folder = resolve_adapter_folder(folder)
     meta = read_adapter_config(folder)
     model_type = model_type_of(model)
     if meta["model_type"] != model_type:
@@ -115,6 +129,7 @@ def load_adapted(adapter: str | Path, base: str | Path | None = None, map_locati
     """Load the base model (`base`, else the one recorded in the adapter) and put the adapter on it."""
     from ..hub import load
 
+    adapter = resolve_adapter_folder(adapter)
     meta = read_adapter_config(adapter)
     base = base if base is not None else meta.get("base")
     if base is None:

@@ -1,4 +1,7 @@
-"""GLIDE-style text-to-image sampling: prompts -> CLIP text encoding -> guided denoiser -> sampler -> PIL images."""
+"""GLIDE-style text-to-image sampling: prompts -> CLIP text encoding -> guided denoiser -> sampler -> PIL images.
+
+For a latent diffusion model the sampler runs on VAE latents and the model's VAE decodes them at the end.
+"""
 
 from __future__ import annotations
 
@@ -28,9 +31,14 @@ class TextToImagePipeline:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, clip_model: str | Path | None = None,
-                        device: str | torch.device = "cpu") -> "TextToImagePipeline":
-        """The pipeline of a text2img run or model folder, with an optional other CLIP folder for CLIP guidance."""
+                        device: str | torch.device = "cpu", adapter: str | Path | None = None) -> "TextToImagePipeline":
+        """The pipeline of a text2img run or model folder (with a LoRA `adapter` folder put on it, if given), with an
+        optional other CLIP folder for CLIP guidance."""
         model = load_as(checkpoint, TextToImage, map_location=device)
+        if adapter is not None:
+            from ..finetune import load_adapter
+
+            load_adapter(model, adapter)
         clip = load_as(clip_model, CLIP, map_location=device) if clip_model is not None else None
         return cls(model, clip)
 
@@ -68,17 +76,18 @@ class TextToImagePipeline:
         if clip_guidance_scale > 0:
             tokens = tokenize_prompts(batch, self.clip.config.text.context_length).to(device)
             score = clip_score(self.clip, self.clip.encode_text(tokens))
-            model_fn = clip_guidance(model_fn, config.schedule, score, clip_guidance_scale)
-        # "trailing" spacing starts at the last training timestep (pure noise) however few the steps
-        options = dict(clip_sample=True, timestep_spacing="trailing")
+            model_fn = clip_guidance(model_fn, config.schedule, lambda x0: score(model.decode_samples(x0)),
+                                     clip_guidance_scale)
+        # "trailing" spacing starts at the last training timestep (pure noise) however few the steps;
+        # x0 estimates are clipped to [-1, 1] only where samples are pixels (VAE latents are unbounded)
+        options = dict(clip_sample=model.bounded_samples, timestep_spacing="trailing")
         if sampler == "ddim":
             chosen = DDIMSampler(config.schedule, eta=eta, **options)
         else:
             chosen = DDPMSampler(config.schedule, **options)
-        shape = (len(batch), config.channels, config.image_size, config.image_size)
-        images = sample_loop(model_fn, chosen, shape, num_inference_steps=steps, progress=progress, device=device,
-                             generator=torch.Generator().manual_seed(seed))
-        return to_pil_images(images, "minus_one_to_one")
+        samples = sample_loop(model_fn, chosen, (len(batch), *config.sample_shape), num_inference_steps=steps,
+                              progress=progress, device=device, generator=torch.Generator().manual_seed(seed))
+        return to_pil_images(model.decode_samples(samples), "minus_one_to_one")
 
     def _check(self, prompts, num_images_per_prompt, sampler, steps, guidance_scale, clip_guidance_scale, eta):
         timesteps = self.model.config.schedule.num_train_timesteps

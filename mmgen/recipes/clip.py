@@ -42,7 +42,8 @@ class CLIPDataConfig:
     max_bad_fraction: float = 0.01
     cache: bool = False  # decode the (finite) training set once and keep it in memory
     hard_negatives: int = 1  # shapes only: batches of groups of N images that differ only in shape
-    zeroshot: str | None = "shapes"  # "shapes" (held-out shape×colour classes) or a labelled image folder
+    # "shapes" (held-out shape×colour classes; "shapes:extra=heart" adds an extra shape's) or a labelled image folder
+    zeroshot: str | None = "shapes"
     zeroshot_templates: list[str] | None = None  # default: shapes' or mmgen.clip.zeroshot.DEFAULT_TEMPLATES
     retrieval: str | None = "shapes:val"  # captioned data for image<->text recall (captions deduplicated)
     eval_samples: int = 1000  # at most this many images for zero-shot and retrieval at each evaluation
@@ -78,13 +79,30 @@ class TokenizingCollate:
         return batch
 
 
+class ContrastiveLoss:
+    """loss_fn: InfoNCE or SigLIP on a batch's image and text features; training batches' bad samples are counted."""
+
+    def __init__(self, loss: str, max_bad_fraction: float):
+        self.criterion = ClipLoss() if loss == "infonce" else SigLipLoss()
+        self.tracker = BadSampleTracker(max_bad_fraction)
+
+    def __call__(self, model, batch: dict):
+        if model.training:
+            self.tracker.update(batch)
+        output = model(batch["images"], batch["tokens"])
+        metrics = {"train/logit_scale": output.logit_scale}
+        if self.tracker.skipped:
+            metrics["data/skipped_total"] = self.tracker.skipped
+        return self.criterion(*output), metrics
+
+
 def build_datasets(recipe: CLIPRecipe, rank: int = 0, world_size: int = 1, progress: bool = True):
     """(train, val) datasets whose bad samples are replaced (map-style) or skipped (streams) and counted."""
     data = recipe.data
     train_set, val_set = caption_datasets(
         data, image_size=recipe.model.vision.image_size, normalize="clip", seed=recipe.train.seed, rank=rank,
         world_size=world_size, num_workers=recipe.train.num_workers, progress=progress,
-        shapes_group_size=data.hard_negatives)
+        shapes_options={"group_size": data.hard_negatives})
     train_set = robust(train_set)
     if data.hard_negatives > 1:
         train_set = GroupedItems(train_set, data.hard_negatives)
@@ -99,7 +117,7 @@ class _FirstItems(torch.utils.data.IterableDataset):
         return itertools.islice(iter(self.dataset), self.limit)
 
 
-def _first_items(dataset, limit: int, description: str) -> InMemoryCaptions:
+def first_items(dataset, limit: int, description: str) -> InMemoryCaptions:
     """The first `limit` usable items, decoded into memory."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
         dataset = _FirstItems(dataset, limit)
@@ -116,19 +134,22 @@ class HeldOutEvaluation:
         self.tokenizer = CLIPTokenizer(recipe.model.text.context_length)
         self.zeroshot = self.retrieval = None
         if data.zeroshot:
-            if data.zeroshot == "shapes":
-                dataset = build_caption_dataset("shapes:val", image_size=size, train=False, seed=recipe.train.seed)
-                class_names, templates = shapes.class_names(), SHAPES_TEMPLATES
+            if data.zeroshot == "shapes" or data.zeroshot.startswith("shapes:"):
+                dataset = build_caption_dataset(data.zeroshot, split="val", image_size=size, train=False,
+                                                seed=recipe.train.seed)
+                class_names, templates = dataset.class_names(), SHAPES_TEMPLATES
+                first_new = len(shapes.class_names())  # labels from here on belong to extra shapes
             else:
                 dataset = build_caption_dataset(data.zeroshot, image_size=size, train=False)
                 if not hasattr(dataset, "classes"):
                     raise ConfigError(f"data.zeroshot={data.zeroshot!r} must be 'shapes' or a labelled image folder")
-                class_names, templates = dataset.classes, None
+                class_names, templates, first_new = dataset.classes, None, None
             templates = data.zeroshot_templates or templates
-            self.zeroshot = (_first_items(dataset, data.eval_samples, "zero-shot images"), class_names, templates)
+            self.zeroshot = (first_items(dataset, data.eval_samples, "zero-shot images"), class_names, templates,
+                             first_new)
         if data.retrieval:
             dataset = build_caption_dataset(data.retrieval, split="val", image_size=size, train=False)
-            items = _first_items(dataset, data.eval_samples * 4, "retrieval images")
+            items = first_items(dataset, data.eval_samples * 4, "retrieval images")
             unique = {}
             for index, text in enumerate(items.captions):  # one image per caption: recall is then well defined
                 unique.setdefault(text, index)
@@ -145,21 +166,25 @@ class HeldOutEvaluation:
         model.eval()
         metrics = {}
         if self.zeroshot is not None:
-            items, class_names, templates = self.zeroshot
+            items, class_names, templates, first_new = self.zeroshot
             classifier = zero_shot_classifier(model, self.tokenizer, class_names, templates or DEFAULT_TEMPLATES)
-            scores = _batched(model.encode_image, items.images) @ classifier.T
+            scores = batched(model.encode_image, items.images) @ classifier.T
             accuracy = topk_accuracy(scores, items.labels, ks=(1, 5))
             metrics.update({"zeroshot/top1": accuracy[1], "zeroshot/top5": accuracy[5]})
+            if first_new is not None and (items.labels >= first_new).any():  # top-1 on the extra shapes' images
+                new = items.labels >= first_new
+                metrics["zeroshot/new_top1"] = topk_accuracy(scores[new], items.labels[new], ks=(1,))[1]
         if self.retrieval is not None:
             images, captions = self.retrieval
-            image_features = _batched(model.encode_image, images)
-            text_features = _batched(model.encode_text, self.tokenizer(captions))
+            image_features = batched(model.encode_image, images)
+            text_features = batched(model.encode_text, self.tokenizer(captions))
             metrics.update(recall_at_k(image_features, text_features))
         model.train(was_training)
         return metrics
 
 
-def _batched(encode, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def batched(encode, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """`encode` applied to `inputs` in chunks of `batch_size`, concatenated."""
     return torch.cat([encode(inputs[start : start + batch_size]) for start in range(0, len(inputs), batch_size)])
 
 
@@ -182,23 +207,11 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     set_seed(recipe.train.seed)
     model = CLIP(recipe.model)
     state.print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.loss} loss")
-    criterion = ClipLoss() if recipe.loss == "infonce" else SigLipLoss()
-    tracker = BadSampleTracker(recipe.data.max_bad_fraction)
-
-    def loss_fn(model, batch):
-        if model.training:
-            tracker.update(batch)
-        output = model(batch["images"], batch["tokens"])
-        metrics = {"train/logit_scale": output.logit_scale}
-        if tracker.skipped:
-            metrics["data/skipped_total"] = tracker.skipped
-        return criterion(*output), metrics
-
     trainer = Trainer(
         model,
         recipe.train,
         run_dir,
-        loss_fn=loss_fn,
+        loss_fn=ContrastiveLoss(recipe.loss, recipe.data.max_bad_fraction),
         train_dataset=train_set,
         val_dataset=val_set,
         collate_fn=TokenizingCollate(recipe.model.text.context_length),

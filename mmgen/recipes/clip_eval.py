@@ -17,12 +17,17 @@ from ..hub import load, resolve_model_folder
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
-def load_clip(checkpoint, device: str = "cpu") -> CLIP:
-    """The CLIP model in a run or model folder; another model type is a UserError."""
+def load_clip(checkpoint, device: str = "cpu", adapter=None) -> CLIP:
+    """The CLIP model in a run or model folder, with a LoRA `adapter` folder on it if given; another model type is
+    a UserError."""
     folder = resolve_model_folder(checkpoint)
     model = load(folder, map_location=device)
     if not isinstance(model, CLIP):
         raise UserError(f"{folder} holds a {model.model_type!r} model, not CLIP")
+    if adapter is not None:
+        from ..finetune import load_adapter
+
+        load_adapter(model, adapter)
     return model
 
 
@@ -43,9 +48,9 @@ def image_files(paths: Sequence[str]) -> list[Path]:
 
 
 def zeroshot_files(checkpoint, class_names: Sequence[str], paths: Sequence[str], *, templates=None, top_k: int = 5,
-                   device: str = "cpu"):
+                   device: str = "cpu", adapter=None):
     """[(path, [(class, probability), ...] or an error string)] for every image file; unreadable files are reported."""
-    model = load_clip(checkpoint, device)
+    model = load_clip(checkpoint, device, adapter)
     tokenizer = CLIPTokenizer(model.config.text.context_length)
     classifier = zero_shot_classifier(model, tokenizer, class_names, templates or DEFAULT_TEMPLATES)
     transform = image_transform(model.config.vision.image_size, train=False)
@@ -63,13 +68,13 @@ def zeroshot_files(checkpoint, class_names: Sequence[str], paths: Sequence[str],
 
 
 def evaluate(checkpoint, *, zeroshot: str | None = None, retrieval: str | None = None, templates=None,
-             max_samples: int = 5000, device: str = "cpu") -> dict:
+             max_samples: int = 5000, device: str = "cpu", adapter=None) -> dict:
     """Zero-shot top-1/top-5 on a labelled folder (or "shapes") and recall@1/5/10 on a caption table (or "shapes:val")."""
     from .clip import CLIPDataConfig, CLIPRecipe, HeldOutEvaluation
 
     if not zeroshot and not retrieval:
         raise UserError("nothing to evaluate: give --zeroshot-dir LABELLED_DIR (or 'shapes') and/or --retrieval TABLE")
-    model = load_clip(checkpoint, device)
+    model = load_clip(checkpoint, device, adapter)
     data = CLIPDataConfig(zeroshot=zeroshot, zeroshot_templates=list(templates) if templates else None,
                           retrieval=retrieval, eval_samples=max_samples)
     evaluation = HeldOutEvaluation(CLIPRecipe(model=model.config, data=data))

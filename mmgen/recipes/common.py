@@ -41,8 +41,10 @@ def write_run_config(run_dir: Path, config) -> None:
 
 
 def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: int = 0, world_size: int = 1,
-                     num_workers: int = 0, progress: bool = True, shapes_group_size: int = 1):
+                     num_workers: int = 0, progress: bool = True, shapes_options: dict | None = None):
     """(train, val-or-None) raw caption datasets of a `data:` section (train, val, columns, templates, crop_scale, cache).
+
+    `shapes_options` (ShapesDataset keyword arguments) apply to shapes training data only.
 
     With data.cache the training set is decoded once into memory (finite datasets only)."""
     from ..data.cache import InMemoryCaptions
@@ -50,7 +52,7 @@ def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: 
 
     options = dict(image_size=image_size, normalize=normalize, columns=data.columns, templates=data.templates,
                    crop_scale=data.crop_scale, seed=seed, rank=rank, world_size=world_size)
-    train_set = build_caption_dataset(data.train, split="train", train=True, shapes_group_size=shapes_group_size,
+    train_set = build_caption_dataset(data.train, split="train", train=True, shapes_options=shapes_options,
                                       **options)
     if data.cache:
         if isinstance(train_set, torch.utils.data.IterableDataset):

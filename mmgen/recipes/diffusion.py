@@ -3,6 +3,9 @@
 The CLIP is trained (or converted) first and named by `model.text_encoder`; its weights are copied into the
 model, so the run folder needs nothing else afterwards. At each evaluation a grid of samples for fixed held-out
 prompts is saved as RUN_DIR/samples/step-N.png (its path is logged in metrics.jsonl as samples/grid).
+
+With `model.vae` (a VAE run or model folder) the same recipe trains latent diffusion: the VAE is copied into the
+model beside the CLIP, and the UNet learns to denoise its latents (`mmgen train latent-diffusion` requires it).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -22,6 +26,7 @@ from ..diffusion.samplers import standard_normal
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.text2img import TextToImage, TextToImageConfig, tokenize_prompts
 from ..diffusion.unet import UNetConfig
+from ..diffusion.vae import VAE
 from ..errors import CheckpointError, ConfigError, UserError
 from ..hub import latest_checkpoint, load_as, read_model_config
 from ..pipelines.text2img import TextToImagePipeline
@@ -32,12 +37,14 @@ from .common import caption_datasets, check_run_dir, load_recipe_config, robust,
 
 @dataclass
 class DiffusionModelSection:
-    """The frozen text encoder (a CLIP run or model folder), the image size, the UNet and the noise schedule."""
+    """The frozen text encoder (a CLIP run or model folder), the image size, the UNet and the noise schedule;
+    optionally a frozen VAE (a VAE run or model folder) whose latents the UNet denoises (None: pixels)."""
 
     text_encoder: str = "runs/clip-shapes"
     image_size: int = 32
     unet: UNetConfig = field(default_factory=UNetConfig)  # context_dim and pooled_dim come from the text encoder
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+    vae: str | None = None  # with a VAE: unet.in_channels and out_channels are its latent_channels
 
 
 @dataclass
@@ -51,10 +58,23 @@ class DiffusionDataConfig:
     crop_scale: tuple[float, float] | None = None  # None: resize + centre crop, no random crop
     max_bad_fraction: float = 0.01
     cache: bool = False  # decode the (finite) training set once and keep it in memory
+    # shapes only: the fraction of training captions naming only some attributes (None: the dataset's default),
+    # and whether such a caption without a colour comes with a grey image (CLIP's trick; a generator wants colour)
+    partial_captions: float | None = None
+    grey_without_colour: bool = False
 
     def __post_init__(self):
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
+        if self.partial_captions is not None and not 0.0 <= self.partial_captions <= 1.0:
+            raise ValueError(f"partial_captions must lie in [0, 1] or be null, got {self.partial_captions}")
+
+    def shapes_options(self) -> dict:
+        """The ShapesDataset options of the training set."""
+        options = {"grey_without_colour": self.grey_without_colour}
+        if self.partial_captions is not None:
+            options["partial_captions"] = self.partial_captions
+        return options
 
 
 @dataclass
@@ -118,13 +138,16 @@ class CaptionTokens:
 class DenoisingLoss:
     """loss_fn: noise the images at random timesteps, predict, diffusion_loss; in training, drop captions.
 
-    Validation draws its timesteps and noise from a generator that `restart_validation` reseeds before each
-    evaluation, so val/loss compares like with like and evaluation leaves the training RNG alone.
+    `encode_images(images, generator)` (the model's; None: the identity) first turns images into what the UNet
+    denoises: VAE latents for latent diffusion. Validation draws its timesteps, noise and latents from a generator
+    that `restart_validation` reseeds before each evaluation, so val/loss compares like with like and evaluation
+    leaves the training RNG alone.
     """
 
     def __init__(self, schedule: NoiseSchedule, config: DiffusionLossConfig, context_length: int,
-                 tracker: BadSampleTracker, seed: int):
+                 tracker: BadSampleTracker, seed: int, encode_images: Callable | None = None):
         self.schedule, self.config, self.tracker, self.seed = schedule, config, tracker, seed
+        self.encode_images = encode_images
         self.empty_tokens = tokenize_prompts([""], context_length)  # (1, context_length)
         self.restart_validation()
 
@@ -141,14 +164,20 @@ class DenoisingLoss:
             tokens = torch.where(dropped[:, None], self.empty_tokens.to(tokens.device), tokens)
         else:
             generator = self.validation_generator
-        draw_on = generator.device if generator is not None else images.device
-        t = torch.randint(0, self.schedule.num_train_timesteps, (len(images),), generator=generator, device=draw_on)
-        t = t.to(images.device)
-        noise = standard_normal(images.shape, generator, images.device, images.dtype)
-        output = model(self.schedule.add_noise(images, noise, t), t, tokens)
-        target = self.schedule.target(images, noise, t)
+        x0 = self.encode_images(images, generator) if self.encode_images is not None else images
+        draw_on = generator.device if generator is not None else x0.device
+        t = torch.randint(0, self.schedule.num_train_timesteps, (len(x0),), generator=generator, device=draw_on)
+        t = t.to(x0.device)
+        noise = standard_normal(x0.shape, generator, x0.device, x0.dtype)
+        output = model(self.schedule.add_noise(x0, noise, t), t, *self.model_inputs(model, batch, tokens))
+        target = self.schedule.target(x0, noise, t)
         loss = diffusion_loss(output, target, t, self.schedule, self.config.min_snr_gamma)
         return loss, ({"data/skipped_total": self.tracker.skipped} if self.tracker.skipped else {})
+
+    def model_inputs(self, model, batch: dict, tokens: torch.Tensor) -> tuple:
+        """The model's arguments after (x_t, t): the tokens, captions dropped in training (the unCLIP decoder adds
+        its image embeddings)."""
+        return (tokens,)
 
 
 class SampleGrid:
@@ -183,6 +212,26 @@ def distinct_captions(dataset, count: int) -> list[str]:
     return captions
 
 
+def grid_prompts(samples: SampleGridConfig, dataset) -> list[str]:
+    """The sample grid's prompts: samples.prompts, else the first samples.count distinct captions of `dataset`."""
+    if not samples.count:
+        return []
+    prompts = samples.prompts or distinct_captions(dataset, samples.count)
+    if not prompts:
+        raise UserError("no usable caption found for the sample grid; set samples.prompts")
+    return prompts
+
+
+def evaluation(loss_fn: DenoisingLoss, grid: SampleGrid):
+    """The Trainer's evaluate_fn: reseed the validation draws for the next evaluation, save the sample grid."""
+
+    def evaluate(model: TextToImage, step: int) -> dict:
+        loss_fn.restart_validation()
+        return grid(model, step)
+
+    return evaluate
+
+
 def load_text_encoder(path: str) -> CLIP:
     """The CLIP in a run or model folder; anything else is a ConfigError naming model.text_encoder."""
     try:
@@ -190,6 +239,20 @@ def load_text_encoder(path: str) -> CLIP:
     except CheckpointError as error:
         raise ConfigError(f"model.text_encoder={path}: {error} (it needs a CLIP run or model folder: "
                           "`mmgen train clip` or `mmgen convert open-clip` first)") from None
+
+
+def load_vae(path: str, unet: UNetConfig) -> VAE:
+    """The VAE in a run or model folder, checked against the UNet's channels; anything else is a ConfigError."""
+    try:
+        vae = load_as(path, VAE)
+    except CheckpointError as error:
+        raise ConfigError(f"model.vae={path}: {error} (it needs a VAE run or model folder: `mmgen train vae` or "
+                          "`mmgen convert diffusers-vae` first)") from None
+    latent_channels = vae.config.latent_channels
+    if (unet.in_channels, unet.out_channels) != (latent_channels, latent_channels):
+        raise ConfigError(f"model.unet.in_channels and out_channels ({unet.in_channels}, {unet.out_channels}) must "
+                          f"be the {latent_channels} latent channels of the VAE in model.vae={path}")
+    return vae
 
 
 def _unet_for(clip: CLIP, unet: UNetConfig) -> UNetConfig:
@@ -201,50 +264,60 @@ def _unet_for(clip: CLIP, unet: UNetConfig) -> UNetConfig:
     return replace(unet, **widths)
 
 
-def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> TextToImage:
-    """Train a text-to-image model as `mmgen train diffusion` does; returns the (EMA) model."""
+def check_model_section(clip: CLIP, vae: VAE | None, section: DiffusionModelSection) -> None:
+    """Refuse a model section that does not fit its CLIP and VAE with a ConfigError, before anything is written."""
+    try:
+        TextToImageConfig(section.image_size, section.unet, section.schedule, clip.config,
+                          vae.config if vae is not None else None)
+    except ValueError as error:
+        raise ConfigError(f"config section 'model': {error}") from None
+
+
+def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
+          schema: type = DiffusionRecipe) -> TextToImage:
+    """Train a text-to-image model as `mmgen train diffusion` does (a `schema` config); returns the (EMA) model."""
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)
-    recipe = load_recipe_config(DiffusionRecipe, config_path, list(overrides), run_dir, resume)
+    recipe = load_recipe_config(schema, config_path, list(overrides), run_dir, resume)
     state = process_state()
     check_run_dir(run_dir, resume)
     state.wait_for_everyone()
     checkpoint = latest_checkpoint(run_dir) if resume else None
-    clip = None
-    if checkpoint is None:  # a checkpoint holds the text encoder: resuming does not need the CLIP folder
+    clip = vae = None
+    if checkpoint is None:  # a checkpoint holds the text encoder and VAE: resuming needs neither folder
         clip = load_text_encoder(recipe.model.text_encoder)
         recipe.model.unet = _unet_for(clip, recipe.model.unet)
+        vae = load_vae(recipe.model.vae, recipe.model.unet) if recipe.model.vae is not None else None
+        check_model_section(clip, vae, recipe.model)
     progress = recipe.train.progress and state.is_main_process
     train_set, val_set = caption_datasets(
         recipe.data, image_size=recipe.model.image_size, normalize="minus_one_to_one", seed=recipe.train.seed,
         rank=state.process_index, world_size=state.num_processes, num_workers=recipe.train.num_workers,
-        progress=progress)
+        progress=progress, shapes_options=recipe.data.shapes_options())
     prompts = []
     if state.is_main_process:
-        if recipe.samples.count:
-            prompts = recipe.samples.prompts or distinct_captions(val_set or train_set, recipe.samples.count)
-            if not prompts:
-                raise UserError("no usable caption found for the sample grid; set samples.prompts")
+        prompts = grid_prompts(recipe.samples, val_set or train_set)
         write_run_config(run_dir, recipe)
     state.wait_for_everyone()
 
     set_seed(recipe.train.seed)
     if clip is not None:
-        model = TextToImage.from_text_encoder(clip, recipe.model.image_size, recipe.model.unet, recipe.model.schedule)
+        model = TextToImage.from_text_encoder(clip, recipe.model.image_size, recipe.model.unet, recipe.model.schedule,
+                                              vae)
     else:
         model = TextToImage(from_dict(TextToImageConfig, read_model_config(checkpoint)["config"], "config."))
     unet_parameters = sum(p.numel() for p in model.unet.parameters())
     state.print(f"text2img: UNet {unet_parameters / 1e6:.2f}M parameters on a frozen CLIP text encoder "
                 f"(context {model.context_length} tokens x {model.config.unet.context_dim})")
+    if model.vae is not None:
+        channels, size, _ = model.config.sample_shape
+        state.print(f"latent diffusion: the UNet denoises {channels}x{size}x{size} latents of a frozen VAE "
+                    f"(scaling factor {model.vae.config.scaling_factor:.4g}) decoded to "
+                    f"{model.config.image_size}x{model.config.image_size} images")
     tracker = BadSampleTracker(recipe.data.max_bad_fraction)
-    loss_fn = DenoisingLoss(model.schedule, recipe.loss, model.context_length, tracker, recipe.train.seed)
-    grid = SampleGrid(run_dir, prompts, recipe.samples)
-
-    def evaluate(model: TextToImage, step: int) -> dict:
-        loss_fn.restart_validation()
-        return grid(model, step)
-
+    loss_fn = DenoisingLoss(model.schedule, recipe.loss, model.context_length, tracker, recipe.train.seed,
+                            encode_images=model.encode_images)
     trainer = Trainer(
         model,
         recipe.train,
@@ -253,6 +326,6 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
         train_dataset=robust(train_set),
         val_dataset=robust(val_set) if val_set is not None else None,
         collate_fn=CaptionTokens(model.context_length),
-        evaluate_fn=evaluate,
+        evaluate_fn=evaluation(loss_fn, SampleGrid(run_dir, prompts, recipe.samples)),
     )
     return trainer.fit(resume=resume)

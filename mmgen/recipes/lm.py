@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..text.gpt import GPT, GPTConfig
 from ..text.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer, load_tokenizer
 from ..training import TrainConfig, Trainer
-from ..training.trainer import process_state
+from ..training.trainer import default_save, process_state
 from .common import check_run_dir, load_recipe_config, write_run_config
 
 
@@ -56,6 +56,22 @@ def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
+def text_datasets(tokens: torch.Tensor, val_fraction: float, context: int) -> tuple[TokenWindows, TokenWindows]:
+    """(train, val) windows of `context` + 1 tokens: the last `val_fraction` of the text is held out."""
+    split = int(len(tokens) * (1 - val_fraction))
+    return TokenWindows(tokens[:split], context), TokenWindows(tokens[split:], context)
+
+
+def saver(tokenizer, save=default_save):
+    """A Trainer save_fn: `save(model, folder)` (a model folder by default) plus the tokenizer.json beside it."""
+
+    def save_with_tokenizer(model, folder: Path) -> None:
+        save(model, folder)
+        (folder / TOKENIZER_FILE).write_text(tokenizer.to_json())
+
+    return save_with_tokenizer
+
+
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False):
     """Train a GPT as `mmgen train lm` does; returns (model, tokenizer)."""
     from accelerate.utils import set_seed
@@ -73,10 +89,8 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     else:
         tokenizer = BPETokenizer.train(text, recipe.data.vocab_size)
     tokens = torch.tensor(tokenizer.encode(text), dtype=torch.long)
-    split = int(len(tokens) * (1 - recipe.data.val_fraction))
     context = recipe.model.context_length
-    train_set = TokenWindows(tokens[:split], context)
-    val_set = TokenWindows(tokens[split:], context)
+    train_set, val_set = text_datasets(tokens, recipe.data.val_fraction, context)
     recipe.model = replace(recipe.model, vocab_size=tokenizer.vocab_size)
     if state.is_main_process:
         write_run_config(run_dir, recipe)
@@ -89,10 +103,6 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
         f"{len(tokens):,} tokens ({len(train_set):,} train windows, {len(val_set):,} val)"
     )
 
-    def save(model, folder: Path) -> None:
-        model.write_pretrained(folder)
-        (folder / TOKENIZER_FILE).write_text(tokenizer.to_json())
-
     trainer = Trainer(
         model,
         recipe.train,
@@ -101,7 +111,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
         train_dataset=train_set,
         val_dataset=val_set,
         collate_fn=stack_windows,
-        save_fn=save,
+        save_fn=saver(tokenizer),
         tokens_per_sample=context,
     )
     model = trainer.fit(resume=resume)

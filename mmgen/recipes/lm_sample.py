@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.instructions import render_prompt
 from ..errors import UserError
 from ..hub import load, resolve_model_folder
 from ..text.generate import generate
@@ -23,14 +24,25 @@ def sample_text(
     num_samples: int = 1,
     seed: int = 0,
     device: str = "cpu",
+    adapter=None,
+    template: str | None = None,
 ) -> list[str]:
-    """`num_samples` continuations of `prompt` (prompt included), reproducible for a given seed."""
+    """`num_samples` continuations of `prompt` (prompt included), reproducible for a given seed.
+
+    `adapter`: a LoRA adapter folder (or adapter run) put on the checkpoint; `template`: an instruction-tuning
+    prompt template whose {instruction} becomes `prompt` (as `mmgen finetune lm` rendered its training pairs)."""
     if not prompt:
         raise UserError("empty prompt: give at least one character (the default is a newline)")
+    if template is not None:
+        prompt = render_prompt(template, prompt)
     folder = resolve_model_folder(checkpoint)
     model = load(folder)
     if not isinstance(model, GPT):
         raise UserError(f"{folder} holds a {model.model_type!r} model, not a language model")
+    if adapter is not None:
+        from ..finetune import load_adapter
+
+        load_adapter(model, adapter)
     tokenizer = load_tokenizer(folder)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:

@@ -11,26 +11,45 @@ from ..pipelines.text2img import TextToImagePipeline
 
 
 def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_prompt: int = 4, clip_model=None,
-                  device: str = "cpu", **options) -> list[Path]:
+                  device: str = "cpu", adapter=None, **options) -> list[Path]:
     """Write OUT_DIR/000.png ... (prompt by prompt), grid.png (a row per prompt) and samples.json, all at once.
 
     `options` go to TextToImagePipeline.__call__. An existing OUT_DIR that holds files is refused, never overwritten.
     """
+    out_dir = check_out_dir(out_dir)
+    pipeline = on_device(device, lambda: TextToImagePipeline.from_pretrained(checkpoint, clip_model=clip_model,
+                                                                             device=device, adapter=adapter))
+    images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
+    entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
+    record = {"checkpoint": str(checkpoint), "adapter": adapter and str(adapter),
+              "num_images_per_prompt": num_images_per_prompt, **options}
+    return write_samples(out_dir, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
+
+
+def check_out_dir(out_dir) -> Path:
+    """OUT_DIR as a Path; one that exists and holds files is refused (nothing is ever overwritten)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"{out_dir} already exists and is not empty; choose another --out (nothing is overwritten)")
+    return out_dir
+
+
+def on_device(device: str, load):
+    """load(), with a device torch cannot use (RuntimeError, AssertionError) reported as one line."""
     try:
-        pipeline = TextToImagePipeline.from_pretrained(checkpoint, clip_model=clip_model, device=device)
+        return load()
     except (RuntimeError, AssertionError) as error:
         raise UserError(f"--device {device}: {str(error).splitlines()[0]}") from None
-    images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
+
+
+def write_samples(out_dir: Path, images: list, entries: list[dict], columns: int | None, record: dict) -> list[Path]:
+    """Write OUT_DIR/000.png ..., grid.png (rows of `columns`) and samples.json ({**record, "images": [{"file": ...,
+    **entry}, ...]}), all at once."""
     names = [f"{index:03d}.png" for index in range(len(images))]
-    columns = num_images_per_prompt if len(prompts) > 1 else None
     with atomic_folder(out_dir) as staging:
         for name, image in zip(names, images):
             image.save(staging / name)
         make_grid(images, columns).save(staging / "grid.png")
-        files = [{"file": name, "prompt": prompts[index // num_images_per_prompt]} for index, name in enumerate(names)]
-        write_json(staging / "samples.json", {"checkpoint": str(checkpoint), "images": files,
-                                              "num_images_per_prompt": num_images_per_prompt, **options})
+        files = [{"file": name, **entry} for name, entry in zip(names, entries)]
+        write_json(staging / "samples.json", {**record, "images": files})
     return [out_dir / name for name in names]

@@ -97,13 +97,19 @@ def default_save(model, folder: Path) -> None:
     model.write_pretrained(folder)
 
 
+def default_load(model, folder: Path) -> None:
+    """Read a checkpoint's model.safetensors back into `model` (the resume counterpart of `default_save`)."""
+    load_weights(model, folder / WEIGHTS_NAME)
+
+
 class Trainer:
     """Trains `model` on `train_dataset` by minimising `loss_fn(model, batch)`; writes everything under run_dir.
 
     `loss_fn` returns the loss, or (loss, {name: number}) whose numbers are logged with train/loss (averaged over
     the logging window of this process; names ending in `_total` are counters whose latest value is logged).
     `evaluate_fn(model, step) -> {name: number}` adds metrics at each evaluation; `save_fn(model, folder)` writes
-    the model folder (default: config.json + model.safetensors). With `config.ema_decay` > 0 both get the EMA model
+    the model folder (default: config.json + model.safetensors) and `load_fn(model, folder)` reads it back into the
+    model on resume (default: model.safetensors; an adapter run passes mmgen.finetune.load_adapter). With `config.ema_decay` > 0 both get the EMA model
     at evaluations and for final/ (val/loss and checkpoints' model.safetensors use the trained weights).
     """
 
@@ -119,6 +125,7 @@ class Trainer:
         collate_fn: Callable | None = None,
         evaluate_fn: Callable | None = None,
         save_fn: Callable = default_save,
+        load_fn: Callable = default_load,
         tokens_per_sample: int | None = None,
     ):
         from accelerate import Accelerator
@@ -131,6 +138,7 @@ class Trainer:
         self.collate_fn = collate_fn
         self.evaluate_fn = evaluate_fn
         self.save_fn = save_fn
+        self.load_fn = load_fn
         self.tokens_per_sample = tokens_per_sample
         from accelerate.state import AcceleratorState
 
@@ -382,7 +390,7 @@ class Trainer:
 
     def _load_checkpoint(self, folder: Path) -> None:
         state = read_trainer_state(folder)
-        load_weights(self.model, folder / WEIGHTS_NAME)
+        self.load_fn(self.model, folder)
         optimizer_from_files(self.optimizer, folder)
         if self.ema is not None:
             self.ema.load(folder, self.model)

@@ -89,3 +89,15 @@ def train_steps(model, case: Case, steps: int = 3, lr: float = 0.05) -> None:
 @torch.no_grad()
 def output(model, case: Case) -> torch.Tensor:
     return case.run(model, case.batch())
+
+
+def write_yaml(path, data: dict):
+    """Write `data` as YAML to `path` and return the path."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+FAST_TRAIN = {"batch_size": 4, "max_steps": 4, "lr": 1e-2, "warmup_steps": 0, "eval_every": 2, "eval_batches": 1,
+              "log_every": 2, "checkpoint_every": 2, "weight_decay": 0.0, "tensorboard": False, "progress": False}

@@ -1,0 +1,202 @@
+"""unCLIP (DALL·E 2) sampling: text -> CLIP text embedding -> prior -> CLIP image embedding -> decoder -> images.
+
+Three pipelines that only compose parts: PriorPipeline (prompts -> image embeddings), DecoderPipeline (image
+embeddings, or the CLIP embeddings of given images for variations, -> images) and UnCLIPPipeline (both).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..data.images import image_transform, to_pil_images
+from ..diffusion.decoder import UnCLIPDecoder
+from ..diffusion.guidance import Conditioned, classifier_free_guidance
+from ..diffusion.prior import DiffusionPrior
+from ..diffusion.samplers import DDIMSampler, DDPMSampler, sample_loop
+from ..diffusion.schedule import NoiseSchedule
+from ..diffusion.text2img import tokenize_prompts
+from ..errors import UserError
+from ..hub import load_as
+from .text2img import SAMPLERS
+
+
+def _check_sampling(schedule: NoiseSchedule, sampler: str, steps: int, guidance_scale: float, eta: float,
+                    stage: str = "") -> None:
+    """One UserError line for sampler options a model cannot take (`stage` prefixes the option names)."""
+    timesteps = schedule.num_train_timesteps
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+    if not 1 <= steps <= timesteps:
+        raise UserError(f"{stage}steps must lie between 1 and the model's {timesteps} training timesteps, got {steps}")
+    if guidance_scale < 0:
+        raise UserError(f"{stage}guidance scale must be >= 0, got {guidance_scale}")
+    if eta < 0 or (eta and sampler != "ddim"):
+        raise UserError(f"eta must be >= 0 and is a DDIM option, got {eta} with {sampler}")
+
+
+def _sampler(schedule: NoiseSchedule, sampler: str, eta: float, clip_sample: bool):
+    # "trailing" spacing starts at the last training timestep (pure noise) however few the steps
+    options = dict(clip_sample=clip_sample, timestep_spacing="trailing")
+    if sampler == "ddim":
+        return DDIMSampler(schedule, eta=eta, **options)
+    return DDPMSampler(schedule, **options)
+
+
+def _prompt_list(prompts: str | list[str]) -> list[str]:
+    """The prompts as a list, each a string, at least one; an empty one is sampled unconditionally (a warning)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise UserError("no prompt given")
+    if not all(isinstance(prompt, str) for prompt in prompts):
+        raise UserError("prompts must be strings")
+    for index, prompt in enumerate(prompts):
+        if not prompt.strip():
+            warnings.warn(f"prompt {index + 1} is empty: its images are sampled unconditionally", stacklevel=3)
+    return prompts
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class PriorPipeline:
+    """Samples unit-length CLIP image embeddings for prompts from a DiffusionPrior, with classifier-free guidance."""
+
+    def __init__(self, prior: DiffusionPrior):
+        self.prior = prior
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "PriorPipeline":
+        """The pipeline of a prior run or model folder."""
+        return cls(load_as(checkpoint, DiffusionPrior, map_location=device))
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | list[str], *, sampler: str = "ddim", steps: int = 64,
+                 guidance_scale: float = 2.0, eta: float = 0.0, seed: int = 0,
+                 progress: bool = True) -> torch.Tensor:
+        """Image embeddings (len(prompts), embed_dim), one per prompt; the same seed gives the same embeddings."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prior = self.prior
+        _check_sampling(prior.schedule, sampler, steps, guidance_scale, eta, "prior ")
+        device = _device(prior)
+        text = prior.encode_text(tokenize_prompts(prompts, prior.context_length).to(device))
+        model_fn = Conditioned(prior.denoise, text)
+        if guidance_scale != 1:
+            empty = prior.encode_text(tokenize_prompts([""] * len(prompts), prior.context_length).to(device))
+            model_fn = classifier_free_guidance(model_fn, Conditioned(prior.denoise, empty), guidance_scale)
+        # no clipping: scaled embeddings are not confined to [-1, 1] like pixels
+        chosen = _sampler(prior.schedule, sampler, eta, clip_sample=False)
+        samples = sample_loop(model_fn, chosen, (len(prompts), prior.embed_dim), num_inference_steps=steps,
+                              progress=progress, device=device, generator=torch.Generator().manual_seed(seed))
+        return prior.to_image_embedding(samples)
+
+
+class DecoderPipeline:
+    """Samples images from CLIP image embeddings (and prompts, for a text-conditioned decoder) with a decoder."""
+
+    def __init__(self, decoder: UnCLIPDecoder):
+        self.decoder = decoder
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "DecoderPipeline":
+        """The pipeline of a decoder run or model folder."""
+        return cls(load_as(checkpoint, UnCLIPDecoder, map_location=device))
+
+    @torch.no_grad()
+    def __call__(self, image_embeddings: torch.Tensor, prompts: list[str] | None = None, *, sampler: str = "ddim",
+                 steps: int = 50, guidance_scale: float = 3.0, eta: float = 0.0, seed: int = 0,
+                 progress: bool = True) -> list[Image.Image]:
+        """One image per embedding (batch, embed_dim); `prompts` (one per embedding) are used only by a decoder with
+        text conditioning (default: the empty prompt)."""
+        decoder, config = self.decoder, self.decoder.config
+        _check_sampling(decoder.schedule, sampler, steps, guidance_scale, eta)
+        if image_embeddings.ndim != 2 or image_embeddings.shape[1] != decoder.embed_dim:
+            raise UserError(f"the decoder reads CLIP image embeddings of width {decoder.embed_dim}, "
+                            f"got shape {tuple(image_embeddings.shape)}")
+        if prompts is not None and len(prompts) != len(image_embeddings):
+            raise UserError(f"{len(prompts)} prompts for {len(image_embeddings)} image embeddings")
+        device = _device(decoder)
+        image_embeddings = image_embeddings.to(device)
+        tokens = None
+        if prompts is not None and config.text_conditioning:
+            tokens = tokenize_prompts(prompts, decoder.context_length).to(device)
+        model_fn = Conditioned(decoder.denoise, decoder.condition(image_embeddings, tokens))
+        if guidance_scale != 1:
+            null = Conditioned(decoder.denoise, decoder.unconditional(len(image_embeddings), device))
+            model_fn = classifier_free_guidance(model_fn, null, guidance_scale)
+        shape = (len(image_embeddings), config.channels, config.image_size, config.image_size)
+        images = sample_loop(model_fn, _sampler(decoder.schedule, sampler, eta, clip_sample=True), shape,
+                             num_inference_steps=steps, progress=progress, device=device,
+                             generator=torch.Generator().manual_seed(seed))
+        return to_pil_images(images, "minus_one_to_one")
+
+    @torch.no_grad()
+    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
+        """Unit-length CLIP embeddings (batch, embed_dim) of RGB PIL images, read as the decoder's CLIP reads them."""
+        if not images:
+            raise UserError("no image given")
+        clip = self.decoder.clip
+        transform = image_transform(clip.config.vision.image_size, train=False, normalize="clip")
+        pixels = torch.stack([transform(image.convert("RGB")) for image in images]).to(_device(self.decoder))
+        return clip.encode_image(pixels)
+
+    def variations(self, images: list[Image.Image], *, num_variations: int = 4, **options) -> list[Image.Image]:
+        """`num_variations` images per input image (image-major), decoded from its CLIP image embedding.
+
+        `options` are __call__'s (sampler, steps, guidance_scale, eta, seed, progress)."""
+        if num_variations < 1:
+            raise UserError(f"the number of variations per image must be >= 1, got {num_variations}")
+        embeddings = self.image_embeddings(images).repeat_interleave(num_variations, dim=0)
+        return self(embeddings, **options)
+
+
+class UnCLIPPipeline:
+    """Text -> images through a prior and a decoder trained on the same CLIP (DALL·E 2's two stages)."""
+
+    def __init__(self, prior: DiffusionPrior, decoder: UnCLIPDecoder):
+        if prior.embed_dim != decoder.embed_dim:
+            raise UserError(f"the prior makes CLIP image embeddings of width {prior.embed_dim}, the decoder reads "
+                            f"width {decoder.embed_dim}: train both on the same CLIP")
+        if not _same_weights(prior.clip, decoder.clip):
+            warnings.warn("the prior and the decoder were trained on different CLIPs: the images may not follow "
+                          "the prompts", stacklevel=2)
+        self.prior = PriorPipeline(prior)
+        self.decoder = DecoderPipeline(decoder)
+
+    @classmethod
+    def from_pretrained(cls, prior: str | Path, decoder: str | Path,
+                        device: str | torch.device = "cpu") -> "UnCLIPPipeline":
+        """The pipeline of a prior and a decoder, each a run or model folder."""
+        return cls(load_as(prior, DiffusionPrior, map_location=device),
+                   load_as(decoder, UnCLIPDecoder, map_location=device))
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | list[str], *, num_images_per_prompt: int = 1, sampler: str = "ddim",
+                 steps: int = 50, guidance_scale: float = 3.0, prior_steps: int = 64,
+                 prior_guidance_scale: float = 2.0, eta: float = 0.0, seed: int = 0,
+                 progress: bool = True) -> list[Image.Image]:
+        """num_images_per_prompt images per prompt, prompt-major; each image has its own prior sample.
+
+        `sampler`, `steps`, `guidance_scale` and `eta` are the decoder's; the prior samples with DDIM (eta 0).
+        An empty prompt samples unconditionally (with a warning)."""
+        prompts = _prompt_list(prompts)
+        if num_images_per_prompt < 1:
+            raise UserError(f"the number of images per prompt must be >= 1, got {num_images_per_prompt}")
+        _check_sampling(self.decoder.decoder.schedule, sampler, steps, guidance_scale, eta)
+        batch = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
+        embeddings = self.prior(batch, steps=prior_steps, guidance_scale=prior_guidance_scale, seed=seed,
+                                progress=progress)
+        return self.decoder(embeddings, batch, sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta,
+                            seed=seed, progress=progress)
+
+
+def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
+    """Whether two modules of one architecture hold equal parameters and buffers."""
+    first_state, second_state = first.state_dict(), second.state_dict()
+    return first_state.keys() == second_state.keys() and all(
+        tensor.shape == second_state[name].shape and torch.equal(tensor, second_state[name].to(tensor.device))
+        for name, tensor in first_state.items())
