@@ -2,7 +2,7 @@
 (b) training throughput of latent against pixel diffusion at the same image size.
 
     python bench/latent.py --vae runs/vae-shapes                 # both parts, on CPU; writes bench/results/latent.json
-    python bench/latent.py                                       # (b) only, with a random VAE of configs/vae-shapes.yaml
+    python bench/latent.py                                       # (b) only, on a random VAE (configs/vae-shapes.yaml)
     python bench/latent.py --quick                               # a smoke run (writes no results unless --out)
     python bench/latent.py --device cuda --batch 256
 
@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from mmgen.clip import CLIP, CLIPConfig
 from mmgen.config import from_dict, load_yaml
 from mmgen.data.captions import build_caption_dataset
-from mmgen.data.robust import BadSampleTracker, collate_captions
+from mmgen.data.robust import BadSampleTracker
 from mmgen.diffusion import NoiseSchedule, TextToImage, UNetConfig
 from mmgen.diffusion.text2img import tokenize_prompts
 from mmgen.diffusion.vae import VAE
@@ -140,7 +140,7 @@ def interleaved_seconds(steps: dict, repeats: int, iterations: int, device: torc
 
 
 def throughput(vae: VAE, batch: int, repeats: int, iterations: int, device: torch.device) -> dict:
-    """(b): samples/s of a training step of pixel diffusion, latent diffusion, and latent diffusion on cached latents."""
+    """(b): samples/s of a training step of pixel diffusion, of latent diffusion, and of it on cached latents."""
     torch.manual_seed(0)
     clip = CLIP(from_dict(CLIPConfig, load_yaml(CONFIGS / "clip-shapes.yaml")["model"], "model."))
     pixel = text2img_from("diffusion-shapes.yaml", clip, None).to(device)
@@ -167,8 +167,9 @@ def throughput(vae: VAE, batch: int, repeats: int, iterations: int, device: torc
         "latent-cached": training_step(latent, loss_for(latent, None), batch_of(cached)),
     }
     seconds = interleaved_seconds(steps, repeats, iterations, device)
-    figures = {name: {"samples_per_s": batch / statistics.median(values), "s_per_step_median": statistics.median(values),
-                      "s_all": values} for name, values in seconds.items()}
+    figures = {name: {"samples_per_s": batch / statistics.median(values),
+                      "s_per_step_median": statistics.median(values), "s_all": values}
+               for name, values in seconds.items()}
 
     def ratio(name):  # median over repeats of the per-repeat ratio: each repeat's steps ran back to back
         return statistics.median(p / other for p, other in zip(seconds["pixel"], seconds[name]))

@@ -54,7 +54,7 @@ def parse_settings(text: str) -> list[dict]:
 
 def run(args: argparse.Namespace) -> dict:
     settings = parse_settings(args.settings or (QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS))
-    count = args.count or (32 if args.quick else 512)
+    count = args.count or (32 if args.quick else 256)
     prior = PriorPipeline.from_pretrained(args.checkpoint, device=args.device).prior
     clip_size = prior.config.clip.vision.image_size
     dataset = build_caption_dataset(f"shapes:val:{count}", split="val", train=False, image_size=clip_size,
@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="prior run or model folder")
     parser.add_argument("--settings", help=f"STEPS:GUIDANCE,... of the prior's DDIM (default {DEFAULT_SETTINGS})")
-    parser.add_argument("--count", type=int, help="held-out pairs (default 512; 32 with --quick)")
+    parser.add_argument("--count", type=int, help="held-out pairs (default 256; 32 with --quick)")
     parser.add_argument("--batch-size", type=int, default=256, help="captions per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="seeds the held-out pairs and the sampler")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

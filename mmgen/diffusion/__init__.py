@@ -1,5 +1,5 @@
-"""Diffusion: the noise schedule and loss, DDPM / DDIM samplers, guidance, the UNet, the text-to-image model and the
-unCLIP prior and decoder."""
+"""Diffusion: the noise schedule and loss, DDPM / DDIM samplers, guidance, the UNet, the VAE, the text-to-image model
+(pixels or latents) and the unCLIP prior and decoder."""
 
 from .decoder import DecoderCondition, DecoderConfig, UnCLIPDecoder
 from .guidance import Conditioned, classifier_free_guidance, clip_guidance, clip_score
@@ -9,6 +9,7 @@ from .samplers import DDIMSampler, DDPMSampler, Sampler, dynamic_threshold, infe
 from .schedule import NoiseSchedule, make_betas
 from .text2img import TextToImage, TextToImageConfig, tokenize_prompts
 from .unet import UNet, UNetConfig
+from .vae import VAE, VAEConfig
 
 __all__ = [
     "Conditioned",
@@ -26,6 +27,8 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "UnCLIPDecoder",
+    "VAE",
+    "VAEConfig",
     "classifier_free_guidance",
     "clip_guidance",
     "clip_score",

@@ -117,7 +117,8 @@ class TextToImage(nn.Module, PretrainedMixin):
         """A new model (random UNet) on copies of `clip` (and of `vae`: latent diffusion), with the UNet's context and
         pooled widths set to fit the CLIP."""
         unet = replace(unet, context_dim=clip.config.text.width, pooled_dim=clip.config.embed_dim)
-        model = cls(TextToImageConfig(image_size, unet, schedule, clip.config, vae.config if vae else None))
+        vae_config = vae.config if vae is not None else None
+        model = cls(TextToImageConfig(image_size, unet, schedule, clip.config, vae_config))
         model.text_encoder.load_state_dict(clip.state_dict())
         if vae is not None:
             model.vae.load_state_dict(vae.state_dict())

@@ -62,7 +62,7 @@ class DecoderRecipe:
     model: DecoderModelSection = field(default_factory=DecoderModelSection)
     data: DiffusionDataConfig = field(default_factory=DiffusionDataConfig)
     loss: DecoderLossConfig = field(default_factory=DecoderLossConfig)
-    samples: SampleGridConfig = field(default_factory=SampleGridConfig)  # `prompts` is not used: images are
+    samples: SampleGridConfig = field(default_factory=SampleGridConfig)  # held-out images decoded; no prompts
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):

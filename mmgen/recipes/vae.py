@@ -121,14 +121,15 @@ def psnr(vae: VAE, batches) -> tuple[float, list[torch.Tensor]]:
         reconstruction = vae(images, sample_posterior=False)[0].clamp(-1, 1)
         error = ((reconstruction.float() - images.float()) / 2).square().flatten(1).mean(dim=1)  # [-1, 1] -> [0, 1]
         values.append(-10 * torch.log10(error.clamp(min=1e-10)))
-        first = first or [images, reconstruction]
+        if not first:
+            first = [images, reconstruction]
     return torch.cat(values).mean().item(), first
 
 
 @torch.no_grad()
 def measure_scaling_factor(vae: VAE, batches, seed: int = 0) -> float:
     """1 / std of the posterior samples of `batches`: what brings the latents a diffusion model sees to unit variance
-    (Rombach et al. 2022, section G; Stable Diffusion's 0.18215)."""
+    (how Rombach et al. 2022 rescale the latents of a KL autoencoder; Stable Diffusion's 0.18215)."""
     device = next(vae.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     latents = [vae.encode(images.to(device)).sample(generator).float().flatten() for images in batches]
@@ -146,7 +147,8 @@ class VAEEvaluation:
                  config: VAEEvaluationConfig, train_config: TrainConfig):
         self.run_dir, self.trained, self.config = run_dir, trained, config
         self.train_set, self.heldout_set, self.heldout_name = train_set, heldout_set, heldout_name
-        self.batch_size, self.eval_batches, self.seed = train_config.batch_size, train_config.eval_batches, train_config.seed
+        self.batch_size, self.eval_batches = train_config.batch_size, train_config.eval_batches
+        self.seed = train_config.seed
 
     def __call__(self, model: VAE, step: int) -> dict:
         if not process_state().is_main_process:
@@ -168,7 +170,7 @@ class VAEEvaluation:
 
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> VAE:
-    """Train a VAE as `mmgen train vae` does; returns the (EMA) model, whose config holds the measured scaling factor."""
+    """Train a VAE as `mmgen train vae` does; returns the (EMA) model (its config holds the measured scaling factor)."""
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)

@@ -20,6 +20,7 @@ from mmgen.recipes.latent_diffusion import LatentDiffusionRecipe
 from tests.clip.helpers import make_clip
 from tests.diffusion.helpers import TINY_UNET
 from tests.diffusion.test_recipe import TINY_DIFFUSION
+from tests.finetune.helpers import FAST_TRAIN, write_yaml
 from tests.test_cli import one_line_error, run_cli
 
 TINY_VAE = VAEConfig(base_channels=8, channel_multipliers=(1, 2), blocks_per_level=1, groups=4, latent_channels=4,
@@ -120,6 +121,16 @@ def test_resume_needs_neither_the_clip_nor_the_vae_folder(trained, tmp_path):
     assert mmgen.load(run).config.vae == TINY_VAE
 
 
+def test_lora_finetuning_of_a_latent_model_trains_on_latents(trained, tmp_path):
+    config = {"method": "lora", "lora": {"rank": 2, "targets": ["attn"]},
+              "data": {"train": "shapes:train:16", "val": None, "cache": True},
+              "samples": {"prompts": ["a red circle"], "count": 1, "steps": 2}, "train": dict(FAST_TRAIN, max_steps=2)}
+    run = tmp_path / "run"
+    assert cli.main(["finetune", "diffusion", "--base", str(trained / "run"), "--config",
+                     str(write_yaml(tmp_path / "finetune.yaml", config)), "--out", str(run)]) == 0
+    assert Image.open(run / "samples" / "step-2.png").size == (18 + 2, 18 + 2)  # one decoded 16 px image
+
+
 def test_bad_vae_folders_and_shapes_give_one_line(trained, tmp_path, capsys):
     clip, vae = trained / "clip", trained / "vae"
     cases = [
@@ -127,7 +138,7 @@ def test_bad_vae_folders_and_shapes_give_one_line(trained, tmp_path, capsys):
         ({"vae": str(tmp_path / "missing")}, 2, "checkpoint not found"),
         ({"vae": None}, 2, "'model.vae' expects str"),
         ({"unet": {**LATENT_UNET, "in_channels": 3, "out_channels": 3}}, 2, "must be the 4 latent channels of the VAE"),
-        ({"image_size": 14}, 2, "image_size must be a positive multiple of 4 (the VAE's downsampling times the UNet's)"),
+        ({"image_size": 14}, 2, "image_size must be a positive multiple of 4 (the VAE's downsampling times the"),
     ]
     for model, code, fragment in cases:
         config = write_config(tmp_path, clip, vae, **model)
