@@ -182,6 +182,7 @@ def diffusers_sampling(forward, noise: torch.Tensor, steps: int, autocast):
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer stops after it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -213,6 +214,7 @@ def summarise(seconds: dict[str, list[float]], batch: int) -> tuple[dict, float]
 
 
 def machine(device: torch.device) -> dict:
+    """Device name, CPU count, threads and library versions, for the results file."""
     import diffusers
 
     if device.type == "cuda":
@@ -273,6 +275,7 @@ def check_outputs(forwards: dict, x: torch.Tensor, t: torch.Tensor, autocast) ->
 
 def main() -> None:
     args = parse_arguments()
+    load_at_start = os.getloadavg()  # other jobs on the machine show here: compare with cpu_count
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
 
@@ -321,7 +324,7 @@ def main() -> None:
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": "python bench/diffusion.py " + " ".join(sys.argv[1:]),
-        "machine": machine(device),
+        "machine": {**machine(device), "load_average_1_5_15_min": {"start": load_at_start, "end": os.getloadavg()}},
         "config": {"unet": asdict(config), "size": args.size, "tokens": args.tokens, "dtype": args.dtype,
                    "diffusers_feedforward": "gelu" if args.gelu_feedforward else "geglu",
                    "train_batch": args.train_batch, "sample_batch": args.sample_batch,
