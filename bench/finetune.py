@@ -169,7 +169,7 @@ def lm(args) -> dict:
     text = read_corpus(args.text)
     tokens = torch.tensor(tokenizer.encode(text[int(len(text) * 0.9):]), dtype=torch.long)
     data = ["data.path=" + (str(args.text) if args.text else "null")]
-    results = {"base": args.base, "steps": args.steps, "text": str(args.text or "Tiny Shakespeare")}
+    results = {"base_run": args.base, "steps": args.steps, "text": str(args.text or "Tiny Shakespeare")}
     with tempfile.TemporaryDirectory() as scratch:
         for method, lr in (("lora", None), ("full", args.full_lr)):
             overrides = [f"method={method}", f"train.max_steps={args.steps}", "train.checkpoint_every=0", *data]
