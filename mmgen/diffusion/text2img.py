@@ -94,6 +94,9 @@ def tokenize_prompts(prompts: list[str], context_length: int) -> torch.Tensor:
     return tokens
 
 
+LATENT_SAMPLE_RANGE = 4.0
+
+
 class TextToImage(nn.Module, PretrainedMixin):
     """forward(x_t, t, tokens) -> the UNet's prediction; `encode_text` + `denoise` split it for sampling.
 
@@ -138,9 +141,11 @@ class TextToImage(nn.Module, PretrainedMixin):
         return self.config.text_encoder.text.context_length
 
     @property
-    def bounded_samples(self) -> bool:
-        """Whether samples lie in [-1, 1] (pixels: samplers may clip their x0 estimates) or not (VAE latents)."""
-        return self.vae is None
+    def sample_range(self) -> float:
+        """Where samplers clip their x0 estimates: [-1, 1] for pixels; for VAE latents, scaled to unit variance by the
+        measured scaling factor, +-4 standard deviations. Unclipped, the first steps from pure noise divide the
+        predicted noise's errors by sqrt(alpha_bar_T) ~ 0 and the latents explode (std ~1e3 after DDIM-50)."""
+        return 1.0 if self.vae is None else LATENT_SAMPLE_RANGE
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -79,8 +79,8 @@ class TextToImagePipeline:
             model_fn = clip_guidance(model_fn, config.schedule, lambda x0: score(model.decode_samples(x0)),
                                      clip_guidance_scale)
         # "trailing" spacing starts at the last training timestep (pure noise) however few the steps;
-        # x0 estimates are clipped to [-1, 1] only where samples are pixels (VAE latents are unbounded)
-        options = dict(clip_sample=model.bounded_samples, timestep_spacing="trailing")
+        # x0 estimates are clipped to the model's sample range ([-1, 1] for pixels, wider for VAE latents)
+        options = dict(clip_sample=True, clip_sample_range=model.sample_range, timestep_spacing="trailing")
         if sampler == "ddim":
             chosen = DDIMSampler(config.schedule, eta=eta, **options)
         else:

@@ -80,6 +80,19 @@ def test_pipeline_and_sample_cli_return_images_at_the_vae_resolution(trained, tm
     assert Image.open(tmp_path / "samples" / "000.png").size == (16, 16)
 
 
+def test_latent_samples_stay_within_the_sample_range(trained):
+    # from pure noise, x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) with alpha_bar_T ~ 0: unclipped, a
+    # rough noise prediction makes the latents explode (std ~1e3 with a trained model); the pipeline clips at +-4
+    model = mmgen.load(trained / "run")
+    with torch.no_grad():
+        model.unet.conv_out.weight.normal_(std=0.5)  # a rough, non-zero noise prediction
+    decoded = []
+    decode = model.decode_samples
+    model.decode_samples = lambda samples: decoded.append(samples) or decode(samples)
+    TextToImagePipeline(model)(["a red circle"] * 2, steps=10, progress=False)
+    assert decoded[0].abs().max() <= model.sample_range == 4.0
+
+
 def test_save_load_round_trip_samples_the_same(trained, tmp_path):
     model = mmgen.load(trained / "run")
     model.save_pretrained(tmp_path / "copy")
@@ -102,9 +115,9 @@ def test_encode_images_gives_scaled_latents_and_decode_samples_inverts_the_scali
     assert torch.allclose(latents, 0.5 * (posterior.mean + posterior.std * noise), atol=1e-6)
     with torch.no_grad():
         assert torch.allclose(model.decode_samples(latents), vae.decode(latents / 0.5), atol=1e-6)
-    assert not model.bounded_samples and model.encode_images(images) is not images
+    assert model.sample_range == 4.0 and model.encode_images(images) is not images
     pixel = TextToImage.from_text_encoder(clip, 16, UNetConfig(**TINY_UNET), NoiseSchedule(num_train_timesteps=10))
-    assert pixel.bounded_samples and pixel.encode_images(images) is images and pixel.decode_samples(images) is images
+    assert pixel.sample_range == 1.0 and pixel.encode_images(images) is images and pixel.decode_samples(images) is images
 
 
 def test_resume_needs_neither_the_clip_nor_the_vae_folder(trained, tmp_path):
