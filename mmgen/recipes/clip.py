@@ -22,7 +22,7 @@ from ..data.robust import BadSampleTracker, collate_captions
 from ..errors import ConfigError
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
-from .common import caption_datasets, check_run_dir, load_recipe_config, robust, write_run_config
+from .common import caption_datasets, open_run, robust, write_run_config
 
 # prompt ensemble for shapes zero-shot: the class embedding is the mean over every size and position phrase,
 # the way CLIP's zero-shot averages over prompt templates
@@ -193,10 +193,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)
-    recipe = load_recipe_config(CLIPRecipe, config_path, list(overrides), run_dir, resume)
-    state = process_state()
-    check_run_dir(run_dir, resume)
-    state.wait_for_everyone()
+    recipe, state = open_run(CLIPRecipe, config_path, overrides, run_dir, resume)
     progress = recipe.train.progress and state.is_main_process
     train_set, val_set = build_datasets(recipe, state.process_index, state.num_processes, progress)
     evaluation = HeldOutEvaluation(recipe) if state.is_main_process else None

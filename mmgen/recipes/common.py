@@ -34,6 +34,17 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
         raise UserError(f"{run_dir} already holds files; continue it with --resume {run_dir} or choose another --out")
 
 
+def open_run(schema: type, config_path, overrides, run_dir: Path, resume: bool):
+    """(recipe, process state): the validated config, once every process has checked the run folder is usable."""
+    from ..training.trainer import process_state
+
+    recipe = load_recipe_config(schema, config_path, list(overrides), run_dir, resume)
+    state = process_state()
+    check_run_dir(run_dir, resume)
+    state.wait_for_everyone()
+    return recipe, state
+
+
 def write_run_config(run_dir: Path, config) -> None:
     """Save the resolved config as RUN_DIR/config.yaml (what --resume reads back)."""
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from ..hub import latest_checkpoint
 from ..pipelines.unclip import DecoderPipeline
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
-from .common import caption_datasets, check_run_dir, load_recipe_config, robust, write_run_config
+from .common import caption_datasets, open_run, robust, write_run_config
 from .diffusion import CaptionTokens, DenoisingLoss, DiffusionDataConfig, DiffusionLossConfig, SampleGridConfig
 from .unclip import checkpoint_config, held_out_pairs, load_clip
 
@@ -130,10 +130,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)
-    recipe = load_recipe_config(DecoderRecipe, config_path, list(overrides), run_dir, resume)
-    state = process_state()
-    check_run_dir(run_dir, resume)
-    state.wait_for_everyone()
+    recipe, state = open_run(DecoderRecipe, config_path, overrides, run_dir, resume)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     set_seed(recipe.train.seed)
     # a checkpoint holds the CLIP: resuming does not need the CLIP folder

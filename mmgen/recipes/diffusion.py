@@ -32,7 +32,7 @@ from ..hub import latest_checkpoint, load_as, read_model_config
 from ..pipelines.text2img import TextToImagePipeline
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
-from .common import caption_datasets, check_run_dir, load_recipe_config, robust, write_run_config
+from .common import caption_datasets, open_run, robust, write_run_config
 
 
 @dataclass
@@ -279,10 +279,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)
-    recipe = load_recipe_config(schema, config_path, list(overrides), run_dir, resume)
-    state = process_state()
-    check_run_dir(run_dir, resume)
-    state.wait_for_everyone()
+    recipe, state = open_run(schema, config_path, overrides, run_dir, resume)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     clip = vae = None
     if checkpoint is None:  # a checkpoint holds the text encoder and VAE: resuming needs neither folder

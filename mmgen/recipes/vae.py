@@ -23,7 +23,7 @@ from ..data.robust import BadSampleTracker, collate_captions
 from ..diffusion.vae import VAE, VAEConfig, vae_loss
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
-from .common import caption_datasets, check_run_dir, load_recipe_config, robust, write_run_config
+from .common import caption_datasets, open_run, robust, write_run_config
 from .diffusion import DiffusionDataConfig
 
 
@@ -174,10 +174,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     from accelerate.utils import set_seed
 
     run_dir = Path(run_dir)
-    recipe = load_recipe_config(VAERecipe, config_path, list(overrides), run_dir, resume)
-    state = process_state()
-    check_run_dir(run_dir, resume)
-    state.wait_for_everyone()
+    recipe, state = open_run(VAERecipe, config_path, overrides, run_dir, resume)
     progress = recipe.train.progress and state.is_main_process
     train_set, val_set = caption_datasets(
         recipe.data, image_size=recipe.model.image_size, normalize="minus_one_to_one", seed=recipe.train.seed,
