@@ -14,6 +14,7 @@ from .io import atomic_folder, load_tensors, read_json, save_tensors, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+EMA_WEIGHTS_NAME = "ema.safetensors"  # in a training checkpoint: the EMA of the trainable weights (mmgen.training.ema)
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # a LoRA adapter folder (mmgen.finetune.adapter), not a model
 
 # model_type in config.json -> "module:Class"; imported only when such a folder is loaded
@@ -53,7 +54,10 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu"):
-        """Build the model from `folder` (config.json + model.safetensors), in eval mode."""
+        """Build the model from `folder` (config.json + model.safetensors), in eval mode.
+
+        A training checkpoint (RUN_DIR/checkpoints/step-N) of a run with EMA also holds ema.safetensors: its averaged
+        weights replace the trained ones, so the model is what final/ would have held had the run ended there."""
         folder = Path(folder)
         meta = read_model_config(folder)
         if meta["model_type"] != cls.model_type:
@@ -64,6 +68,8 @@ class PretrainedMixin:
             raise CheckpointError(f"{folder / CONFIG_NAME}: {error}") from None
         model = cls(config)
         load_weights(model, folder / WEIGHTS_NAME)
+        if (folder / EMA_WEIGHTS_NAME).exists():
+            load_weights(model, folder / EMA_WEIGHTS_NAME, partial=True)
         return model.to(map_location).eval()
 
 
@@ -79,12 +85,13 @@ def _unshared_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load a safetensors file into `model`, checking names and shapes (tied parameters may be absent)."""
+def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> None:
+    """Load a safetensors file into `model`, checking names and shapes (tied parameters may be absent; with
+    `partial`, any may: the file then replaces only the tensors it holds)."""
     state = load_tensors(path)
     expected = model.state_dict()
     tied = set(expected) - set(_unshared_state_dict(model))
-    missing = [name for name in expected if name not in state and name not in tied]
+    missing = [] if partial else [name for name in expected if name not in state and name not in tied]
     unexpected = [name for name in state if name not in expected]
     if missing or unexpected:
         detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..clip.frozen import FrozenCLIPMixin
 from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..data.images import clip_input
 from ..hub import PretrainedMixin
@@ -71,7 +72,7 @@ class DecoderCondition(NamedTuple):
     text: TextEncoding | None
 
 
-class UnCLIPDecoder(nn.Module, PretrainedMixin):
+class UnCLIPDecoder(FrozenCLIPMixin, nn.Module, PretrainedMixin):
     """forward(x_t, t, image_embedding, tokens) -> the UNet's prediction; `condition` + `denoise` split it for
     sampling."""
 
@@ -95,26 +96,10 @@ class UnCLIPDecoder(nn.Module, PretrainedMixin):
         model.clip.load_state_dict(clip.state_dict())
         return model
 
-    def train(self, mode: bool = True) -> "UnCLIPDecoder":
-        """Set the UNet's mode; the frozen CLIP always stays in eval mode."""
-        super().train(mode)
-        self.clip.eval()
-        return self
-
-    @property
-    def context_length(self) -> int:
-        """The CLIP text tower's (and tokenizer's) context length."""
-        return self.config.clip.text.context_length
-
     @property
     def embed_dim(self) -> int:
         """Width of the CLIP image embeddings the decoder reads."""
         return self.config.clip.embed_dim
-
-    @torch.no_grad()
-    def encode_text(self, tokens: torch.Tensor) -> TextEncoding:
-        """Token states, unit-length pooled embeddings and padding mask of CLIP tokens (batch, seq)."""
-        return self.clip.encode_text_tokens(tokens)
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

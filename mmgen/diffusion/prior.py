@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..clip.frozen import FrozenCLIPMixin
 from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..hub import PretrainedMixin
 from ..nn import LearnedPositions, TimestepEmbedding, Transformer
@@ -69,7 +70,7 @@ class PriorConfig:
     clip: CLIPConfig = field(default_factory=CLIPConfig)
 
 
-class DiffusionPrior(nn.Module, PretrainedMixin):
+class DiffusionPrior(FrozenCLIPMixin, nn.Module, PretrainedMixin):
     """forward(x_t, t, tokens) -> the prediction for noised, scaled image embeddings x_t (batch, embed_dim)."""
 
     model_type = "prior"
@@ -101,17 +102,6 @@ class DiffusionPrior(nn.Module, PretrainedMixin):
         model.clip.load_state_dict(clip.state_dict())
         return model
 
-    def train(self, mode: bool = True) -> "DiffusionPrior":
-        """Set the transformer's mode; the frozen CLIP always stays in eval mode."""
-        super().train(mode)
-        self.clip.eval()
-        return self
-
-    @property
-    def context_length(self) -> int:
-        """The CLIP text tower's (and tokenizer's) context length."""
-        return self.config.clip.text.context_length
-
     @property
     def embed_dim(self) -> int:
         """Width of the CLIP embeddings the prior maps between."""
@@ -121,11 +111,6 @@ class DiffusionPrior(nn.Module, PretrainedMixin):
     def embedding_scale(self) -> float:
         """sqrt(embed_dim): turns a unit CLIP embedding into one with unit variance per component (module doc)."""
         return self.embed_dim**0.5
-
-    @torch.no_grad()
-    def encode_text(self, tokens: torch.Tensor) -> TextEncoding:
-        """Token states, unit-length text embeddings and padding mask of CLIP tokens (batch, seq)."""
-        return self.clip.encode_text_tokens(tokens)
 
     @torch.no_grad()
     def image_targets(self, images: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..clip.frozen import FrozenCLIPMixin
 from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.tokenizer import CLIPTokenizer
 from ..hub import PretrainedMixin
@@ -97,7 +98,7 @@ def tokenize_prompts(prompts: list[str], context_length: int) -> torch.Tensor:
 LATENT_SAMPLE_RANGE = 4.0
 
 
-class TextToImage(nn.Module, PretrainedMixin):
+class TextToImage(FrozenCLIPMixin, nn.Module, PretrainedMixin):
     """forward(x_t, t, tokens) -> the UNet's prediction; `encode_text` + `denoise` split it for sampling.
 
     x_t lives in sample space: pixels, or a frozen VAE's latents (`encode_images` / `decode_samples` convert).
@@ -105,6 +106,7 @@ class TextToImage(nn.Module, PretrainedMixin):
 
     model_type = "text2img"
     config_class = TextToImageConfig
+    frozen_clip_attribute = "text_encoder"
 
     def __init__(self, config: TextToImageConfig):
         super().__init__()
@@ -127,18 +129,9 @@ class TextToImage(nn.Module, PretrainedMixin):
             model.vae.load_state_dict(vae.state_dict())
         return model
 
-    def train(self, mode: bool = True) -> "TextToImage":
-        """Set the UNet's mode; the frozen text encoder and VAE always stay in eval mode."""
-        super().train(mode)
-        self.text_encoder.eval()
-        if self.vae is not None:
-            self.vae.eval()
-        return self
-
-    @property
-    def context_length(self) -> int:
-        """The text encoder's (and tokenizer's) context length."""
-        return self.config.text_encoder.text.context_length
+    def frozen_modules(self) -> list[nn.Module]:
+        """The frozen text encoder, and the VAE of latent diffusion."""
+        return [self.text_encoder] + ([self.vae] if self.vae is not None else [])
 
     @property
     def sample_range(self) -> float:
@@ -162,11 +155,6 @@ class TextToImage(nn.Module, PretrainedMixin):
         if self.vae is None:
             return samples
         return self.vae.decode_latents(samples)
-
-    @torch.no_grad()
-    def encode_text(self, tokens: torch.Tensor) -> TextEncoding:
-        """Token states, unit-length pooled embeddings and padding mask of CLIP tokens (batch, seq)."""
-        return self.text_encoder.encode_text_tokens(tokens)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """The UNet's prediction (epsilon, x0 or v per the schedule) for x_t at timesteps t given encoded text."""

@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..hub import EMA_WEIGHTS_NAME as EMA_WEIGHTS
 from ..io import load_tensors, save_tensors
-
-EMA_WEIGHTS = "ema.safetensors"
 
 
 class ExponentialMovingAverage:

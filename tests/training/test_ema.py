@@ -77,3 +77,17 @@ def test_resume_without_the_ema_file_is_one_clear_error(tmp_path, tiny_lm_config
     (run / "checkpoints" / "step-5" / "ema.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing file: .*ema.safetensors"):
         lm.train(None, run, ["train.max_steps=12"], resume=True)
+
+
+def test_loading_an_unfinished_run_gives_its_ema_weights(tmp_path, tiny_lm_config):
+    import mmgen
+
+    run = tmp_path / "run"
+    lm.train(tiny_lm_config, run, EMA)
+    shutil.rmtree(run / "final")  # as if the run had stopped after its step-10 checkpoint
+    loaded = mmgen.load(run).state_dict()
+    checkpoint = run / "checkpoints" / "step-10"
+    ema, trained = load_file(str(checkpoint / "ema.safetensors")), load_file(str(checkpoint / "model.safetensors"))
+    assert not torch.equal(loaded["norm.weight"], trained["norm.weight"])
+    assert_same_weights({name: loaded[name] for name in ema}, ema)
+    assert torch.equal(loaded["lm_head.weight"], ema["token_embedding.weight"])  # tied weights follow
