@@ -72,7 +72,8 @@ def generate(pipeline: TextToImagePipeline, prompts: list[str], setting: dict, i
     for batch, start in enumerate(range(0, len(prompts), batch_size)):
         images += pipeline(prompts[start : start + batch_size], num_images_per_prompt=images_per_prompt,
                            sampler=setting["sampler"], steps=setting["steps"],
-                           guidance_scale=setting["guidance_scale"], seed=seed + batch, progress=False)
+                           guidance_scale=setting["guidance_scale"], guidance_rescale=setting.get("rescale", 0.0),
+                           guidance_interval=setting.get("interval"), seed=seed + batch, progress=False)
     return images
 
 
@@ -97,6 +98,8 @@ def print_table(results: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     settings = parse_settings(args.settings or (QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS))
+    for setting in settings:
+        setting.update(rescale=args.guidance_rescale, interval=args.guidance_interval)
     count = args.prompts or (8 if args.quick else 64)
     judge = load_or_train_judge(args.judge_size, args.judge_cache)
     pipeline = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
@@ -133,6 +136,9 @@ def main() -> None:
     parser.add_argument("--settings", help=f"SAMPLER:STEPS:GUIDANCE,... (default {DEFAULT_SETTINGS})")
     parser.add_argument("--prompts", type=int, help="prompts per prompt set (default 64; 8 with --quick)")
     parser.add_argument("--images-per-prompt", type=int, default=1)
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale in [0, 1] (all settings)")
+    parser.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LOW", "T_HIGH"),
+                        help="guide only at timesteps T_LOW..T_HIGH (all settings)")
     parser.add_argument("--train-prompts", action="store_true",
                         help="also evaluate prompts of shape x colour pairs seen in training, for comparison")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per pipeline call")

@@ -45,6 +45,23 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -143,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample_image.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
     sample_image.add_argument("--steps", type=_positive_int, default=50)
     sample_image.add_argument("--guidance", type=_non_negative_float, default=3.0, help="classifier-free guidance")
+    sample_image.add_argument("--guidance-rescale", type=_unit_float, default=0.0,
+                              help="rescale the guided prediction towards the conditional one's std (0..1, diffusers' "
+                                   "guidance_rescale)")
+    sample_image.add_argument("--guidance-interval", type=_non_negative_int, nargs=2, metavar=("T_LOW", "T_HIGH"),
+                              help="apply classifier-free guidance only at timesteps T_LOW..T_HIGH")
     sample_image.add_argument("--clip-guidance", type=_non_negative_float, default=0.0, help="CLIP guidance scale")
     sample_image.add_argument("--clip-model", help="CLIP folder for --clip-guidance (default: the text encoder)")
     sample_image.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
@@ -295,11 +317,15 @@ def run_sample(args) -> None:
 
         from .recipes.text2img_sample import sample_images
 
+        interval = tuple(args.guidance_interval) if args.guidance_interval else None
+        if interval is not None and interval[0] > interval[1]:
+            raise UserError(f"--guidance-interval needs T_LOW <= T_HIGH, got {interval[0]} {interval[1]}")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             paths = sample_images(args.checkpoint, args.prompts, args.out, num_images_per_prompt=args.n,
                                   clip_model=args.clip_model, device=args.device, sampler=args.sampler,
                                   steps=args.steps, guidance_scale=args.guidance, clip_guidance_scale=args.clip_guidance,
+                                  guidance_rescale=args.guidance_rescale, guidance_interval=interval,
                                   eta=args.eta, seed=args.seed, adapter=args.adapter)
         for warning in caught:
             print(f"mmgen: warning: {warning.message}", file=sys.stderr)
@@ -329,7 +355,9 @@ def _run_unclip_sample(args) -> None:
             if args.decoder is None:
                 raise UserError(f"{args.checkpoint} holds an unCLIP prior: name its decoder with --decoder DECODER_RUN")
             unsupported = [flag for flag, value in (("--clip-guidance", args.clip_guidance),
-                                                    ("--clip-model", args.clip_model), ("--adapter", args.adapter))
+                                                    ("--clip-model", args.clip_model), ("--adapter", args.adapter),
+                                                    ("--guidance-rescale", args.guidance_rescale),
+                                                    ("--guidance-interval", args.guidance_interval))
                            if value]
             if unsupported:
                 raise UserError(f"{unsupported[0]} is not supported with an unCLIP prior and decoder")

@@ -39,14 +39,25 @@ def _concat(first: Any, second: Any) -> Any:
     raise TypeError(f"cannot batch conditions of type {type(first).__name__}")
 
 
-def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, guidance_scale: float) -> ModelFn:
+def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, guidance_scale: float, *,
+                             interval: tuple[int, int] | None = None, rescale: float = 0.0) -> ModelFn:
     """model_fn giving uncond + guidance_scale * (cond - uncond) (Ho & Salimans 2022); scale 1 is the conditional model.
 
     The combination has weights summing to one, so it is the same in epsilon, x0 or v space. When both model_fns are
     `Conditioned` on the same `denoise`, each step runs the two passes as one batch of twice the size.
+
+    `interval` (t_low, t_high): guide only at timesteps t_low <= t <= t_high, elsewhere the conditional model alone
+    (guidance in a limited interval, Kynkäänniemi et al. 2024): a small model's unconditional prediction is weakest at
+    low noise, where guidance then only amplifies its errors into visible noise. `rescale` (0..1, diffusers'
+    `guidance_rescale`, Lin et al. 2024 sec. 3.4) mixes in the guided output rescaled to the conditional output's
+    per-sample standard deviation, against over-saturation.
     """
     if guidance_scale < 0:
         raise ValueError(f"guidance_scale must not be negative, got {guidance_scale}")
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
+    if interval is not None and not 0 <= interval[0] <= interval[1]:
+        raise ValueError(f"guidance interval must be (t_low, t_high) with 0 <= t_low <= t_high, got {interval}")
     if guidance_scale == 1:
         return model_fn_cond
     batched = (isinstance(model_fn_cond, Conditioned) and isinstance(model_fn_uncond, Conditioned)
@@ -59,7 +70,16 @@ def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, g
             cond, uncond = both.chunk(2)
         else:
             cond, uncond = model_fn_cond(x_t, t), model_fn_uncond(x_t, t)
-        return uncond + guidance_scale * (cond - uncond)
+        output = uncond + guidance_scale * (cond - uncond)
+        if rescale > 0:
+            dims = tuple(range(1, output.ndim))
+            rescaled = output * (cond.std(dim=dims, keepdim=True) / output.std(dim=dims, keepdim=True))
+            output = rescale * rescaled + (1 - rescale) * output
+        if interval is not None:
+            t_batch = torch.as_tensor(t, device=output.device).expand(output.shape[0])
+            inside = (t_batch >= interval[0]) & (t_batch <= interval[1])
+            output = torch.where(inside.view(-1, *[1] * (output.ndim - 1)), output, cond)
+        return output
 
     return guided
 

@@ -51,6 +51,8 @@ class TextToImagePipeline:
         sampler: str = "ddim",
         steps: int = 50,
         guidance_scale: float = 3.0,
+        guidance_interval: tuple[int, int] | None = None,
+        guidance_rescale: float = 0.0,
         clip_guidance_scale: float = 0.0,
         eta: float = 0.0,
         seed: int = 0,
@@ -59,6 +61,7 @@ class TextToImagePipeline:
         """num_images_per_prompt images per prompt, prompt by prompt; the same seed gives the same images.
 
         An empty prompt samples unconditionally (with a warning). eta is DDIM's stochasticity (0: deterministic).
+        guidance_interval (t_low, t_high) and guidance_rescale: see mmgen.diffusion.guidance.classifier_free_guidance.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self._check(prompts, num_images_per_prompt, sampler, steps, guidance_scale, clip_guidance_scale, eta)
@@ -72,7 +75,8 @@ class TextToImagePipeline:
         model_fn = Conditioned(model.denoise, text)
         if guidance_scale != 1:
             empty = model.encode_text(tokenize_prompts([""] * len(batch), model.context_length).to(device))
-            model_fn = classifier_free_guidance(model_fn, Conditioned(model.denoise, empty), guidance_scale)
+            model_fn = classifier_free_guidance(model_fn, Conditioned(model.denoise, empty), guidance_scale,
+                                                interval=guidance_interval, rescale=guidance_rescale)
         if clip_guidance_scale > 0:
             tokens = tokenize_prompts(batch, self.clip.config.text.context_length).to(device)
             score = clip_score(self.clip, self.clip.encode_text(tokens))

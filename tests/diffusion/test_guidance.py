@@ -64,6 +64,34 @@ def test_scale_one_is_the_conditional_model_and_zero_the_unconditional(model):
         classifier_free_guidance(cond_fn, uncond_fn, -1.0)
 
 
+def test_guidance_rescale_equals_diffusers_rescale_noise_cfg(model):
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    cond, uncond = encodings(model, ["a red circle", "a small blue square at the top"])
+    x, t = noisy_input(2)
+    cond_out, uncond_out = model.denoise(x, t, cond), model.denoise(x, t, uncond)
+    guided = uncond_out + 3.0 * (cond_out - uncond_out)
+    for rescale in (0.0, 0.7, 1.0):
+        ours = classifier_free_guidance(Conditioned(model.denoise, cond), Conditioned(model.denoise, uncond), 3.0,
+                                        rescale=rescale)(x, t)
+        torch.testing.assert_close(ours, rescale_noise_cfg(guided, cond_out, rescale), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rescale_noise_cfg(guided, cond_out, 0.7), guided, atol=1e-4)
+
+
+def test_guidance_interval_guides_only_inside_it(model):
+    cond, uncond = encodings(model, ["a red circle", "a small blue square at the top"])
+    x, t = noisy_input(3)  # t = 37 and 80
+    cond_fn, uncond_fn = Conditioned(model.denoise, cond), Conditioned(model.denoise, uncond)
+    full = classifier_free_guidance(cond_fn, uncond_fn, 3.0)(x, t)
+    limited = classifier_free_guidance(cond_fn, uncond_fn, 3.0, interval=(50, 999))(x, t)
+    torch.testing.assert_close(limited[0], cond_fn(x, t)[0], atol=1e-5, rtol=1e-5)  # t = 37: outside, conditional
+    torch.testing.assert_close(limited[1], full[1], atol=1e-5, rtol=1e-5)  # t = 80: inside, guided
+    assert not torch.allclose(full[0], limited[0], atol=1e-4)
+    for bad in ({"interval": (80, 50)}, {"interval": (-1, 50)}, {"rescale": 1.5}):
+        with pytest.raises(ValueError):
+            classifier_free_guidance(cond_fn, uncond_fn, 3.0, **bad)
+
+
 def test_clip_score_is_clip_logit_of_the_resized_normalised_image(model):
     clip = model.text_encoder
     text = clip.encode_text(tokenize_prompts(["a red circle", "a blue square"], clip.config.text.context_length))

@@ -98,6 +98,9 @@ def test_sample_cli_bad_inputs(trained, tmp_path, capsys):
     base = ["sample", "text2img", "--checkpoint", trained / "run", "--steps", 2, "--n", 1, "--out"]
     code, out, err = run_cli(base + [tmp_path / "empty", "--prompt", ""], capsys)
     assert code == 0 and "wrote 1 images" in out
+    code, out, _ = run_cli(base + [tmp_path / "limited", "--prompt", "a red circle", "--guidance-rescale", "0.7",
+                                   "--guidance-interval", "0", "400"], capsys)
+    assert code == 0 and "wrote 1 images" in out
     messages = [line for line in err.splitlines() if line.startswith("mmgen:")]  # the rest is the progress bar
     assert messages == ["mmgen: warning: prompt 1 is empty: its images are sampled unconditionally"]
     cases = [
@@ -106,6 +109,9 @@ def test_sample_cli_bad_inputs(trained, tmp_path, capsys):
         (["--prompt", "a red circle", "--steps", "51"], 1, "steps must lie between 1 and the model's 50"),
         (["--prompt", "a red circle", "--sampler", "euler"], 2, "invalid choice: 'euler'"),
         (["--prompt", "a red circle", "--clip-model", trained / "run"], 1, "holds a 'text2img' model, not a 'clip'"),
+        (["--prompt", "a red circle", "--guidance-rescale", "1.5"], 2, "--guidance-rescale: must lie in [0, 1]"),
+        (["--prompt", "a red circle", "--guidance-interval", "30", "10"], 1, "needs T_LOW <= T_HIGH"),
+        (["--prompt", "a red circle", "--guidance-interval", "-1", "10"], 2, "--guidance-interval: must be >= 0"),
     ]
     for arguments, exit_code, fragment in cases:
         code, _, err = run_cli(base + [tmp_path / "x", *arguments], capsys)
