@@ -218,7 +218,7 @@ def diffusion(args) -> dict:
             "position": rng.choice(POSITIONS)} for _ in range(args.prompts)]
     prompt_sets = {"new_shape": [{k: str(v) for k, v in a.items()} for a in new],
                    "old_heldout": prompt_attributes("heldout", args.prompts, args.seed)}
-    setting = {"sampler": "ddim", "steps": 50, "guidance_scale": 3.0}
+    setting = {"sampler": "ddim", "steps": 50, "guidance_scale": args.guidance}
 
     def fidelity(pipeline, attributes) -> dict:
         images = generate(pipeline, [caption(a) for a in attributes], setting, 1, 64, args.seed)
@@ -260,6 +260,7 @@ def main() -> None:
         part.add_argument("--base", default=default)
         part.add_argument("--samples", type=int, default=1000, help="held-out images (clip)")
         part.add_argument("--prompts", type=int, default=64, help="prompts per set (diffusion)")
+        part.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance (diffusion; DDIM 50)")
         part.add_argument("--seed", type=int, default=0)
         part.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         part.add_argument("overrides", nargs="*", help="overrides of the fine-tuning config")
