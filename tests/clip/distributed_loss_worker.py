@@ -50,4 +50,5 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     save_file(losses_and_gradients(rank, dist.get_world_size()), f"{sys.argv[1]}/rank{rank}.safetensors")
+    dist.barrier()  # both ranks done before teardown: gloo aborts ("terminate called ...") if one leaves mid-exchange
     dist.destroy_process_group()
