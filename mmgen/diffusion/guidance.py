@@ -47,8 +47,9 @@ def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, g
     `Conditioned` on the same `denoise`, each step runs the two passes as one batch of twice the size.
 
     `interval` (t_low, t_high): guide only at timesteps t_low <= t <= t_high, elsewhere the conditional model alone
-    (guidance in a limited interval, Kynkäänniemi et al. 2024): a small model's unconditional prediction is weakest at
-    low noise, where guidance then only amplifies its errors into visible noise. `rescale` (0..1, diffusers'
+    (guidance in a limited interval, Kynkäänniemi et al. 2024); steps outside it skip the unconditional pass. For the
+    small shapes model, guiding only at low noise (t <= 400 of 1000) kept guidance 3 usable while guiding at high
+    noise lost the prompts' colours (docs/benchmarks.md). `rescale` (0..1, diffusers'
     `guidance_rescale`, Lin et al. 2024 sec. 3.4) mixes in the guided output rescaled to the conditional output's
     per-sample standard deviation, against over-saturation.
     """
@@ -64,6 +65,12 @@ def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, g
                and model_fn_cond.denoise == model_fn_uncond.denoise)
 
     def guided(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        inside = None
+        if interval is not None:
+            t_batch = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+            inside = (t_batch >= interval[0]) & (t_batch <= interval[1])
+            if not inside.any():  # a step outside the interval: the conditional pass alone, no unconditional one
+                return model_fn_cond(x_t, t)
         if batched:
             condition = _concat(model_fn_cond.condition, model_fn_uncond.condition)
             both = model_fn_cond.denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), condition)  # (2 * batch, ...)
@@ -75,9 +82,7 @@ def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, g
             dims = tuple(range(1, output.ndim))
             rescaled = output * (cond.std(dim=dims, keepdim=True) / output.std(dim=dims, keepdim=True))
             output = rescale * rescaled + (1 - rescale) * output
-        if interval is not None:
-            t_batch = torch.as_tensor(t, device=output.device).expand(output.shape[0])
-            inside = (t_batch >= interval[0]) & (t_batch <= interval[1])
+        if inside is not None:
             output = torch.where(inside.view(-1, *[1] * (output.ndim - 1)), output, cond)
         return output
 

@@ -141,3 +141,18 @@ def test_clip_guidance_speaks_the_schedules_prediction_type(prediction_type):
     slope = {"epsilon": alpha_bar**-0.5, "sample": 0.0, "v_prediction": alpha_bar**0.5}[prediction_type]
     expected = schedule.predict_epsilon(output, x, t) - 2.0 * (1 - alpha_bar) ** 0.5 * slope * gradient_direction
     torch.testing.assert_close(schedule.predict_epsilon(guided, x, t), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_interval_skips_the_unconditional_pass_outside_it(model):
+    cond, uncond = encodings(model, ["a red circle", "a small blue square at the top"])
+    x, t = noisy_input(4)  # t = 37 and 80: both outside (100, 999)
+    calls = []
+
+    def counting_denoise(x_t, t, text):
+        calls.append(len(x_t))
+        return model.denoise(x_t, t, text)
+
+    limited = classifier_free_guidance(Conditioned(counting_denoise, cond), Conditioned(counting_denoise, uncond), 3.0,
+                                       interval=(100, 999))
+    torch.testing.assert_close(limited(x, t), model.denoise(x, t, cond), atol=1e-5, rtol=1e-5)
+    assert calls == [2]  # the conditional batch only
