@@ -9,6 +9,10 @@ renders of the same prompts is the ceiling.
     python bench/diffusion_fidelity.py --checkpoint runs/diffusion-shapes --train-prompts   # + seen pairs
     python bench/diffusion_fidelity.py --checkpoint runs/diffusion-shapes --settings ddim:50:3,ddpm:1000:3
     python bench/diffusion_fidelity.py --checkpoint RUN --quick                             # smoke run
+    python bench/diffusion_fidelity.py --checkpoint runs/prior-shapes --decoder runs/decoder-shapes  # unCLIP
+
+With --decoder, --checkpoint is an unCLIP prior and the images come from the prior + decoder pipeline; a setting's
+sampler, steps and guidance are the decoder's, the prior samples with DDIM at --prior-steps / --prior-guidance.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mmgen.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, caption, heldou
 from mmgen.errors import UserError
 from mmgen.io import atomic_write_text
 from mmgen.pipelines.text2img import SAMPLERS, TextToImagePipeline
+from mmgen.pipelines.unclip import UnCLIPPipeline
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "bench" / "results"
@@ -65,16 +70,30 @@ def prompt_attributes(split: str, count: int, seed: int = 0) -> list[dict]:
     return [combinations[index] for index in sorted(chosen)]
 
 
-def generate(pipeline: TextToImagePipeline, prompts: list[str], setting: dict, images_per_prompt: int,
-             batch_size: int, seed: int) -> list:
+def generate(pipeline: TextToImagePipeline | UnCLIPPipeline, prompts: list[str], setting: dict,
+             images_per_prompt: int, batch_size: int, seed: int) -> list:
     """The pipeline's images for `prompts` under `setting`, `batch_size` prompts per call, each call seeded apart."""
+    if isinstance(pipeline, UnCLIPPipeline):
+        options = {"prior_steps": setting["prior_steps"], "prior_guidance_scale": setting["prior_guidance_scale"]}
+    else:
+        options = {"guidance_rescale": setting.get("rescale", 0.0), "guidance_interval": setting.get("interval")}
     images = []
     for batch, start in enumerate(range(0, len(prompts), batch_size)):
         images += pipeline(prompts[start : start + batch_size], num_images_per_prompt=images_per_prompt,
                            sampler=setting["sampler"], steps=setting["steps"],
-                           guidance_scale=setting["guidance_scale"], guidance_rescale=setting.get("rescale", 0.0),
-                           guidance_interval=setting.get("interval"), seed=seed + batch, progress=False)
+                           guidance_scale=setting["guidance_scale"], seed=seed + batch, progress=False, **options)
     return images
+
+
+def load_pipeline(args: argparse.Namespace) -> tuple[TextToImagePipeline | UnCLIPPipeline, int]:
+    """The pipeline under test and the size of its images."""
+    if args.decoder is None:
+        pipeline = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
+        return pipeline, pipeline.model.config.image_size
+    if args.guidance_rescale or args.guidance_interval:
+        raise UserError("--guidance-rescale and --guidance-interval are for text2img models, not prior + decoder")
+    pipeline = UnCLIPPipeline.from_pretrained(args.checkpoint, args.decoder, device=args.device)
+    return pipeline, pipeline.decoder.decoder.config.image_size
 
 
 def machine() -> dict:
@@ -99,14 +118,17 @@ def print_table(results: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     settings = parse_settings(args.settings or (QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS))
     for setting in settings:
-        setting.update(rescale=args.guidance_rescale, interval=args.guidance_interval)
+        if args.decoder is None:
+            setting.update(rescale=args.guidance_rescale, interval=args.guidance_interval)
+        else:
+            setting.update(prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
     count = args.prompts or (8 if args.quick else 64)
     judge = load_or_train_judge(args.judge_size, args.judge_cache)
-    pipeline = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
-    image_size = pipeline.model.config.image_size
-    pipeline("a red circle", steps=1, progress=False)  # warm-up, so the first setting's time is not start-up
+    pipeline, image_size = load_pipeline(args)
+    # warm-up, so the first setting's time is not start-up
+    generate(pipeline, ["a red circle"], {**settings[0], "steps": 1}, 1, 1, args.seed)
     results = {
-        "checkpoint": str(args.checkpoint), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+        "checkpoint": str(args.checkpoint), "decoder": args.decoder and str(args.decoder), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
         "device": args.device, "model_image_size": image_size, "images_per_prompt": args.images_per_prompt,
         "seed": args.seed, "judge": {"image_size": judge.config.image_size, "report": judge.report},
         "command": " ".join(sys.argv), "prompt_sets": {},
@@ -132,7 +154,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="text2img run or model folder")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="text2img run or model folder (with --decoder: the unCLIP prior's)")
+    parser.add_argument("--decoder", type=Path, help="unCLIP decoder run or model folder: test prior + decoder")
+    parser.add_argument("--prior-steps", type=int, default=64, help="the prior's DDIM steps (with --decoder)")
+    parser.add_argument("--prior-guidance", type=float, default=2.0, help="the prior's guidance (with --decoder)")
     parser.add_argument("--settings", help=f"SAMPLER:STEPS:GUIDANCE,... (default {DEFAULT_SETTINGS})")
     parser.add_argument("--prompts", type=int, help="prompts per prompt set (default 64; 8 with --quick)")
     parser.add_argument("--images-per-prompt", type=int, default=1)
@@ -152,6 +178,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.images_per_prompt < 1 or args.batch_size < 1 or (args.prompts is not None and args.prompts < 1):
         parser.error("--prompts, --images-per-prompt and --batch-size must be >= 1")
+    if args.prior_steps < 1 or args.prior_guidance < 0:
+        parser.error("--prior-steps must be >= 1 and --prior-guidance >= 0")
     try:
         results = run(args)
     except UserError as error:

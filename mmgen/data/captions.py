@@ -53,8 +53,9 @@ def build_caption_dataset(
 ):
     """The caption dataset that `spec` names:
 
-    - "shapes[:SPLIT][:SIZE][:extra=SHAPE,...]" (e.g. "shapes", "shapes:val:500", "shapes:train:extra=heart")
-      -> ShapesDataset, with opt-in extra shapes (mmgen.data.shapes.EXTRA_SHAPES); SPLIT defaults to `split` (the
+    - "shapes[:SPLIT][:SIZE][:extra=SHAPE,...[:extra_fraction=F]]" (e.g. "shapes", "shapes:val:500",
+      "shapes:train:extra=heart:extra_fraction=0.5") -> ShapesDataset, with opt-in extra shapes
+      (mmgen.data.shapes.EXTRA_SHAPES) making up a share F of the items if given; SPLIT defaults to `split` (the
       only use of `split`: for a path, the file is the split). "./shapes" means a path.
     - a .csv / .tsv / .jsonl table -> CaptionTable with `columns` = (image column, caption column);
     - a .tar shard, a folder of .tar shards or a brace pattern "shards-{000..009}.tar" -> WebDatasetShards,
@@ -101,9 +102,14 @@ def _shapes_dataset(spec: str, split: str, image_size: int, seed: int, normalize
             size = int(part)
         elif part.startswith("extra=") and part != "extra=":
             options["extra_shapes"] = tuple(part[len("extra="):].split(","))
+        elif part.startswith("extra_fraction="):
+            try:
+                options["extra_fraction"] = float(part[len("extra_fraction="):])
+            except ValueError:
+                raise UserError(f"data spec {spec!r}: {part!r} is not extra_fraction=NUMBER") from None
         else:
-            raise UserError(f"data spec {spec!r}: {part!r} is neither a split ({', '.join(SPLITS)}), a size nor "
-                            "extra=SHAPE[,SHAPE]")
+            raise UserError(f"data spec {spec!r}: {part!r} is neither a split ({', '.join(SPLITS)}), a size, "
+                            "extra=SHAPE[,SHAPE] nor extra_fraction=F")
     return ShapesDataset(split, size, image_size, seed, normalize=normalize, **options)
 
 

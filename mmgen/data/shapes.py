@@ -9,7 +9,9 @@ shape x colour classes (`class_names()`) and retrieval with captions of unseen c
 Extra shapes (EXTRA_SHAPES: "heart", "hexagon", "pentagon") are opt-in classes for teaching a trained model a shape
 it never saw: `ShapesDataset(..., extra_shapes=("heart",))`, or the data spec "shapes:train:2000:extra=heart". They
 come after SHAPES in the label order and hold out their own seeded colours, so the default datasets (renders,
-captions, labels, held-out pairs) are exactly what they are without them. To add another one, add its outline to
+captions, labels, held-out pairs) are exactly what they are without them. `extra_fraction` (spec
+"...:extra=heart:extra_fraction=0.5") sets the share of items showing an extra shape (default: its share of the
+pairs, ~1/7 for one extra shape), as DreamBooth-style fine-tuning mixes new-concept and old ("prior") images. To add another one, add its outline to
 EXTRA_OUTLINES (and retrain bench/judge.py's judge with it).
 """
 
@@ -226,6 +228,7 @@ class ShapesDataset(Dataset):
         group_size: int = 1,
         grey_without_colour: bool = True,
         extra_shapes: Sequence[str] = (),
+        extra_fraction: float | None = None,
     ):
         if split not in SPLITS:
             raise ConfigError(f"shapes split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -242,6 +245,16 @@ class ShapesDataset(Dataset):
             self.heldout |= heldout_extra_pairs(extra_shapes, heldout_fraction, heldout_seed)
         all_pairs = [(shape, colour) for shape in self.shapes for colour in COLOURS]
         self.pairs = [pair for pair in all_pairs if (pair in self.heldout) == (split == "val")]
+        if extra_fraction is not None:
+            if not extra_shapes:
+                raise ConfigError("extra_fraction needs extra shapes (e.g. the data spec shapes:train:extra=heart)")
+            if not 0.0 < extra_fraction < 1.0:
+                raise ConfigError(f"extra_fraction must lie in (0, 1), got {extra_fraction}")
+            if group_size > 1:
+                raise ConfigError("extra_fraction and hard-negative groups (group_size > 1) do not combine")
+            if all(shape in SHAPES for shape, _ in self.pairs) or all(shape not in SHAPES for shape, _ in self.pairs):
+                raise ConfigError(f"extra_fraction: the {split} split lacks built-in or extra shape pairs to mix")
+        self.extra_fraction = extra_fraction
         self.transform = tensor_transform(normalize)
         # default: 80% of the training captions are partial; evaluation captions are always complete
         self.partial_captions = (0.8 if split == "train" else 0.0) if partial_captions is None else partial_captions
@@ -266,7 +279,11 @@ class ShapesDataset(Dataset):
         return np.random.default_rng([self.seed, SPLITS.index(self.split), index])
 
     def _draw_attributes(self, rng: np.random.Generator, index: int) -> dict:
-        shape, colour = self.pairs[rng.integers(len(self.pairs))]
+        pairs = self.pairs
+        if self.extra_fraction is not None:
+            extra = rng.random() < self.extra_fraction
+            pairs = [pair for pair in pairs if (pair[0] not in SHAPES) == extra]
+        shape, colour = pairs[rng.integers(len(pairs))]
         if self.group_size > 1:
             group, member = divmod(index, self.group_size)
             rng = np.random.default_rng([self.seed, SPLITS.index(self.split), group, 2])

@@ -54,6 +54,20 @@ def test_the_default_datasets_do_not_change():
             assert default[index]["caption"] == explicit[index]["caption"]
 
 
+def test_extra_fraction_sets_the_share_of_extra_shape_items():
+    default = ShapesDataset("train", 700, 16, extra_shapes=("heart",))
+    mixed = build_caption_dataset("shapes:train:700:extra=heart:extra_fraction=0.5", image_size=16)
+    share = [sum(d.attributes(i)["shape"] == "heart" for i in range(700)) / 700 for d in (default, mixed)]
+    assert 0.08 < share[0] < 0.22 and 0.42 < share[1] < 0.58, share
+    assert {(mixed.attributes(i)["shape"], mixed.attributes(i)["colour"]) for i in range(700)} <= set(mixed.pairs)
+    for spec, message in [("shapes:extra=heart:extra_fraction=1", "must lie in \\(0, 1\\)"),
+                          ("shapes:extra_fraction=0.5", "needs extra shapes")]:
+        with pytest.raises(ConfigError, match=message):
+            build_caption_dataset(spec, image_size=16)
+    with pytest.raises(UserError, match="'extra_fraction=half' is not extra_fraction=NUMBER"):
+        build_caption_dataset("shapes:extra=heart:extra_fraction=half")
+
+
 def test_data_specs_select_extra_shapes():
     dataset = build_caption_dataset("shapes:val:30:extra=heart,pentagon", image_size=16)
     assert dataset.split == "val" and len(dataset) == 30 and dataset.shapes == SHAPES + ("heart", "pentagon")
