@@ -65,6 +65,11 @@ class TextToImagePipeline:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self._check(prompts, num_images_per_prompt, sampler, steps, guidance_scale, clip_guidance_scale, eta)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise UserError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+        if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1]:
+            raise UserError(f"guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high, "
+                            f"got {tuple(guidance_interval)}")
         for index, prompt in enumerate(prompts):
             if not prompt.strip():
                 warnings.warn(f"prompt {index + 1} is empty: its images are sampled unconditionally", stacklevel=2)
