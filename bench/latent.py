@@ -9,7 +9,8 @@
 (a) PSNR (dB, pixels in [0, 1]) of the posterior-mode reconstructions of `--images` held-out shapes:val images at
 the VAE run's image size (its config.yaml), with the latent size and scaling factor; for scale, the PSNR of a
 bicubic round trip through a grid of the latents' height and width (3 values per position, the VAE has
-latent_channels) is reported beside it.
+latent_channels) is reported beside it; and the judge's (bench/judge.py) shape / colour / size / position accuracy
+on the reconstructions: the most prompt fidelity a latent diffusion model on this VAE can reach.
 
 (b) One training step as the recipes take it (mmgen.recipes.diffusion.DenoisingLoss: frozen-CLIP text encoding,
 noising, UNet forward, loss, backward, AdamW step) on a batch of `--batch` 32x32 images, for
@@ -93,11 +94,24 @@ def reconstruction(vae: VAE, image_size: int, count: int, batch: int) -> dict:
         back = F.interpolate(small, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(-1, 1)
         errors.append(((back - images) / 2).square().flatten(1).mean(dim=1))
     bicubic = (-10 * torch.log10(torch.cat(errors).clamp(min=1e-10))).mean().item()
-    return {"images": sum(len(b) for b in batches), "image_size": image_size,
+    return {"judge_on_reconstructions": judge_reconstructions(vae, heldout, batches),"images": sum(len(b) for b in batches), "image_size": image_size,
             "latent_shape": [vae.config.latent_channels, latent, latent],
             "compression": 3 * image_size**2 / (vae.config.latent_channels * latent**2),
             "scaling_factor": vae.config.scaling_factor, "psnr_db": vae_psnr,
             f"bicubic_{latent}x{latent}_psnr_db": bicubic}
+
+
+@torch.no_grad()
+def judge_reconstructions(vae: VAE, dataset, batches) -> dict:
+    """The judge's per-attribute accuracy on the posterior-mode reconstructions of `batches` (items of `dataset`)."""
+    from judge import load_or_train_judge, score
+    from torchvision.transforms.functional import to_pil_image
+
+    judge = load_or_train_judge(32, progress=False)
+    device = next(vae.parameters()).device
+    images = [to_pil_image((image.float().cpu() + 1) / 2) for batch in batches
+              for image in vae(batch.to(device), sample_posterior=False)[0].clamp(-1, 1)]
+    return score(judge.predict(images), [dataset.attributes(index) for index in range(len(images))])
 
 
 def text2img_from(config_name: str, clip: CLIP, vae: VAE | None) -> TextToImage:
