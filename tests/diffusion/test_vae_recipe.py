@@ -82,7 +82,7 @@ def test_bad_configs_give_one_line(tmp_path, capsys, sections, code, fragment):
 
 def test_shipped_config_is_valid():
     recipe = from_dict(VAERecipe, load_yaml(Path(__file__).resolve().parents[2] / "configs" / "vae-shapes.yaml"))
-    assert recipe.model.image_size // recipe.model.downsampling_factor == 8 and recipe.model.latent_channels == 4
+    assert recipe.model.image_size // recipe.model.downsampling_factor == 16 and recipe.model.latent_channels == 4
 
 
 def test_convert_diffusers_vae_cli(tmp_path, capsys):
