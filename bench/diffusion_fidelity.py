@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> dict:
     # warm-up, so the first setting's time is not start-up
     generate(pipeline, ["a red circle"], {**settings[0], "steps": 1}, 1, 1, args.seed)
     results = {
-        "checkpoint": str(args.checkpoint), "decoder": args.decoder and str(args.decoder), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+        "checkpoint": str(args.checkpoint), "decoder": args.decoder and str(args.decoder),
+        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
         "device": args.device, "model_image_size": image_size, "images_per_prompt": args.images_per_prompt,
         "seed": args.seed, "judge": {"image_size": judge.config.image_size, "report": judge.report},
         "command": " ".join(sys.argv), "prompt_sets": {},

@@ -94,7 +94,8 @@ def reconstruction(vae: VAE, image_size: int, count: int, batch: int) -> dict:
         back = F.interpolate(small, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp(-1, 1)
         errors.append(((back - images) / 2).square().flatten(1).mean(dim=1))
     bicubic = (-10 * torch.log10(torch.cat(errors).clamp(min=1e-10))).mean().item()
-    return {"judge_on_reconstructions": judge_reconstructions(vae, heldout, batches),"images": sum(len(b) for b in batches), "image_size": image_size,
+    return {"judge_on_reconstructions": judge_reconstructions(vae, heldout, batches),
+            "images": sum(len(b) for b in batches), "image_size": image_size,
             "latent_shape": [vae.config.latent_channels, latent, latent],
             "compression": 3 * image_size**2 / (vae.config.latent_channels * latent**2),
             "scaling_factor": vae.config.scaling_factor, "psnr_db": vae_psnr,

@@ -11,8 +11,8 @@ it never saw: `ShapesDataset(..., extra_shapes=("heart",))`, or the data spec "s
 come after SHAPES in the label order and hold out their own seeded colours, so the default datasets (renders,
 captions, labels, held-out pairs) are exactly what they are without them. `extra_fraction` (spec
 "...:extra=heart:extra_fraction=0.5") sets the share of items showing an extra shape (default: its share of the
-pairs, ~1/7 for one extra shape), as DreamBooth-style fine-tuning mixes new-concept and old ("prior") images. To add another one, add its outline to
-EXTRA_OUTLINES (and retrain bench/judge.py's judge with it).
+pairs, ~1/7 for one extra shape), as DreamBooth-style fine-tuning mixes new-concept and old ("prior") images.
+To add another one, add its outline to EXTRA_OUTLINES (and retrain bench/judge.py's judge with it).
 """
 
 from __future__ import annotations
