@@ -252,9 +252,12 @@ class ShapesDataset(Dataset):
                 raise ConfigError(f"extra_fraction must lie in (0, 1), got {extra_fraction}")
             if group_size > 1:
                 raise ConfigError("extra_fraction and hard-negative groups (group_size > 1) do not combine")
-            if all(shape in SHAPES for shape, _ in self.pairs) or all(shape not in SHAPES for shape, _ in self.pairs):
-                raise ConfigError(f"extra_fraction: the {split} split lacks built-in or extra shape pairs to mix")
         self.extra_fraction = extra_fraction
+        # (built-in pairs, extra-shape pairs): the two pools an item is drawn from when extra_fraction is set
+        self._pools = ([pair for pair in self.pairs if pair[0] in SHAPES],
+                       [pair for pair in self.pairs if pair[0] not in SHAPES])
+        if extra_fraction is not None and not all(self._pools):
+            raise ConfigError(f"extra_fraction: the {split} split lacks built-in or extra shape pairs to mix")
         self.transform = tensor_transform(normalize)
         # default: 80% of the training captions are partial; evaluation captions are always complete
         self.partial_captions = (0.8 if split == "train" else 0.0) if partial_captions is None else partial_captions
@@ -281,8 +284,7 @@ class ShapesDataset(Dataset):
     def _draw_attributes(self, rng: np.random.Generator, index: int) -> dict:
         pairs = self.pairs
         if self.extra_fraction is not None:
-            extra = rng.random() < self.extra_fraction
-            pairs = [pair for pair in pairs if (pair[0] not in SHAPES) == extra]
+            pairs = self._pools[int(rng.random() < self.extra_fraction)]
         shape, colour = pairs[rng.integers(len(pairs))]
         if self.group_size > 1:
             group, member = divmod(index, self.group_size)
