@@ -26,6 +26,8 @@ from .common import caption_datasets, open_run, robust, write_run_config
 
 # prompt ensemble for shapes zero-shot: the class embedding is the mean over every size and position phrase,
 # the way CLIP's zero-shot averages over prompt templates
+EVAL_SEED = 0  # the shapes images of zero-shot evaluation (seed of the val split), independent of train.seed
+
 SHAPES_TEMPLATES = tuple(f"a {size} {{}} {shapes.position_phrase(position)}"
                          for size in shapes.SIZES for position in shapes.POSITIONS)
 
@@ -135,8 +137,10 @@ class HeldOutEvaluation:
         self.zeroshot = self.retrieval = None
         if data.zeroshot:
             if data.zeroshot == "shapes" or data.zeroshot.startswith("shapes:"):
+                # the held-out images are the same whatever the training seed, so that `mmgen eval clip` and every
+                # run's logged evaluation measure the same images
                 dataset = build_caption_dataset(data.zeroshot, split="val", image_size=size, train=False,
-                                                seed=recipe.train.seed)
+                                                seed=EVAL_SEED)
                 class_names, templates = dataset.class_names(), SHAPES_TEMPLATES
                 first_new = len(shapes.class_names())  # labels from here on belong to extra shapes
             else:
@@ -148,7 +152,7 @@ class HeldOutEvaluation:
             self.zeroshot = (first_items(dataset, data.eval_samples, "zero-shot images"), class_names, templates,
                              first_new)
         if data.retrieval:
-            dataset = build_caption_dataset(data.retrieval, split="val", image_size=size, train=False)
+            dataset = build_caption_dataset(data.retrieval, split="val", image_size=size, train=False, seed=EVAL_SEED)
             items = first_items(dataset, data.eval_samples * 4, "retrieval images")
             unique = {}
             for index, text in enumerate(items.captions):  # one image per caption: recall is then well defined

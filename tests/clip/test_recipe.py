@@ -20,7 +20,7 @@ TINY_CLIP = {
     "data": {"train": "shapes:train:256", "val": "shapes:val:64", "cache": True, "zeroshot": "shapes",
              "retrieval": "shapes:val", "eval_samples": 64},
     "train": {"batch_size": 16, "max_steps": 6, "lr": 1e-3, "warmup_steps": 1, "eval_every": 3, "eval_batches": 2,
-              "log_every": 3, "checkpoint_every": 3, "tensorboard": False, "progress": False},
+              "log_every": 3, "checkpoint_every": 3, "tensorboard": False, "progress": False, "seed": 5},
 }
 
 
@@ -56,6 +56,18 @@ def test_eval_clip_json(clip_run, capsys):
     assert code == 0
     metrics = json.loads(out)
     assert {"zeroshot/top1", "zeroshot/top5", "t2i/R@1", "t2i/R@5", "t2i/R@10", "i2t/R@1"} <= set(metrics)
+
+
+def test_eval_clip_measures_the_images_training_logged_whatever_the_seed(clip_run, capsys):
+    # the run trained with seed 5; `mmgen eval clip` knows no training seed: both use the same held-out images
+    logged = [json.loads(line) for line in (clip_run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in logged if "zeroshot/top1" in r][-1]
+    code, out, _ = run_cli(["eval", "clip", "--checkpoint", clip_run, "--zeroshot-dir", "shapes", "--retrieval",
+                            "shapes:val", "--max-samples", 64, "--json"], capsys)
+    assert code == 0
+    metrics = json.loads(out)
+    for key in ("zeroshot/top1", "zeroshot/top5", "t2i/R@1", "i2t/R@1"):
+        assert metrics[key] == pytest.approx(logged[key], abs=1e-6), key
 
 
 def test_eval_clip_on_a_labelled_folder(clip_run, tmp_path, capsys):
