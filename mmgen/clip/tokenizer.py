@@ -8,6 +8,8 @@ import torch
 
 from ..errors import UserError
 
+CACHE_SIZE = 1 << 16  # captions whose ids a tokenizer remembers (datasets with repeated captions tokenize once)
+
 
 @lru_cache(maxsize=1)
 def _simple_tokenizer():
@@ -24,6 +26,7 @@ class CLIPTokenizer:
             raise ValueError(f"context_length must be at least 2 (start and end of text), got {context_length}")
         self.context_length = context_length
         self._bpe = _simple_tokenizer()
+        self._cache: dict[str, list[int]] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -48,12 +51,18 @@ class CLIPTokenizer:
         """Token ids (batch, context_length); a long caption is cut so that end-of-text stays the last token."""
         if isinstance(texts, str):
             texts = [texts]
-        result = torch.zeros(len(texts), self.context_length, dtype=torch.long)
-        for row, text in enumerate(texts):
-            ids = self.encode(text)[: self.context_length - 2]
-            ids = [self.sot_token_id, *ids, self.eot_token_id]
-            result[row, : len(ids)] = torch.tensor(ids)
-        return result
+        rows = [self._padded_ids(text) for text in texts]
+        return torch.tensor(rows, dtype=torch.long) if rows else torch.zeros(0, self.context_length, dtype=torch.long)
+
+    def _padded_ids(self, text: str) -> list[int]:
+        """start, ids (cut to fit), end of text, zeros up to context_length; remembered per caption."""
+        ids = self._cache.get(text) if isinstance(text, str) else None
+        if ids is None:
+            ids = [self.sot_token_id, *self.encode(text)[: self.context_length - 2], self.eot_token_id]
+            ids += [0] * (self.context_length - len(ids))
+            if len(self._cache) < CACHE_SIZE:
+                self._cache[text] = ids
+        return ids
 
     def decode(self, ids) -> str:
         """Text of token ids up to the first end-of-text (padding id 0 is also "!", so it cannot be skipped by id)."""

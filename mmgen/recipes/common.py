@@ -68,10 +68,18 @@ def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: 
     if data.cache:
         if isinstance(train_set, torch.utils.data.IterableDataset):
             raise ConfigError("data.cache needs a finite dataset (a table, a folder or shapes), not streamed shards")
-        train_set = InMemoryCaptions(train_set, num_workers=num_workers, progress=progress,
-                                     description="caching training images")
+        train_set = InMemoryCaptions(train_set, num_workers=cache_workers(len(train_set), num_workers),
+                                     progress=progress, description="caching training images")
     val_set = build_caption_dataset(data.val, split="val", train=False, **options) if data.val else None
     return train_set, val_set
+
+
+def cache_workers(items: int, num_workers: int, min_items: int = 4096) -> int:
+    """DataLoader workers for decoding a training set into memory: train.num_workers if set, else (for sets worth
+    the start-up of worker processes) one per thread torch may use, so OMP_NUM_THREADS=1 keeps it in-process."""
+    if num_workers or items < min_items or torch.get_num_threads() < 2:
+        return num_workers
+    return torch.get_num_threads()
 
 
 def robust(dataset):
