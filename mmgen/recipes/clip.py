@@ -24,12 +24,13 @@ from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
 from .common import caption_datasets, open_run, robust, write_run_config
 
-# prompt ensemble for shapes zero-shot: the class embedding is the mean over every size and position phrase,
-# the way CLIP's zero-shot averages over prompt templates
 EVAL_SEED = 0  # the shapes images of zero-shot evaluation (seed of the val split), independent of train.seed
 
-SHAPES_TEMPLATES = tuple(f"a {size} {{}} {shapes.position_phrase(position)}"
-                         for size in shapes.SIZES for position in shapes.POSITIONS)
+# prompt ensemble for shapes zero-shot: a class's embedding is the mean over every caption form that names its colour
+# and shape, with or without size and position ("a red circle", "a small red circle at the top left", ...), the forms
+# training captions take, the way CLIP's zero-shot averages over prompt templates
+SHAPES_TEMPLATES = tuple(" ".join(["a", *[size] * bool(size), "{}", *[shapes.position_phrase(p)] * bool(p)])
+                         for size in ("", *shapes.SIZES) for p in ("", *shapes.POSITIONS))
 
 
 @dataclass

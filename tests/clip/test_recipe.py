@@ -172,3 +172,16 @@ def test_train_script_runs_like_the_cli(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert isinstance(mmgen.load(tmp_path / "run"), CLIP)
+
+
+def test_shapes_prompt_ensemble_is_every_caption_form_naming_colour_and_shape():
+    from itertools import product
+
+    from mmgen.data import shapes
+    from mmgen.recipes.clip import SHAPES_TEMPLATES
+
+    prompts = {template.format("red circle") for template in SHAPES_TEMPLATES}
+    expected = {shapes.caption({"shape": "circle", "colour": "red", "size": size, "position": position}, omit)
+                for size, position in product(shapes.SIZES, shapes.POSITIONS)
+                for omit in ((), ("size",), ("position",), ("size", "position"))}
+    assert prompts == expected and len(SHAPES_TEMPLATES) == len(expected) == 30
