@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from timing import interleaved_seconds
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHAPES_CONFIG = REPOSITORY / "configs" / "clip-shapes.yaml"
@@ -82,26 +83,9 @@ def encode_step(model, images, tokens, autocast):
     return step
 
 
-def per_iteration(step, iterations: int, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iterations):
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iterations
-
-
 def compare(steps: dict, batch_size: int, repeats: int, iterations: int, device: str) -> dict:
-    """Median images/s of each step over `repeats` interleaved rounds of `iterations` calls, after a warm-up."""
-    for step in steps.values():
-        for _ in range(2):
-            step()
-    seconds = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            seconds[name].append(per_iteration(step, iterations, device))
+    """Images/s of each step: the median over `repeats` interleaved rounds of `iterations` calls."""
+    seconds = interleaved_seconds(steps, repeats, iterations, torch.device(device))
     return {name: batch_size / statistics.median(values) for name, values in seconds.items()}
 
 

@@ -62,10 +62,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from timing import synchronize
 
 from mmgen.diffusion import UNet, UNetConfig
 from mmgen.diffusion.samplers import DDIMSampler, sample_loop
 from mmgen.diffusion.schedule import NoiseSchedule
+
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "bench" / "results" / "diffusion.json"
@@ -179,12 +181,6 @@ def diffusers_sampling(forward, noise: torch.Tensor, steps: int, autocast):
                 x = scheduler.step(forward(x, t.to(x.device).expand(x.shape[0])), t, x).prev_sample
         return x
     return sample
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so a timer stops after it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def interleaved_seconds(functions: dict, repeats: int, warmups: dict, device: torch.device) -> dict[str, list[float]]:

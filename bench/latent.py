@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from timing import interleaved_seconds
 
 from mmgen.clip import CLIP, CLIPConfig
 from mmgen.config import from_dict, load_yaml
@@ -47,6 +48,7 @@ from mmgen.hub import load_as
 from mmgen.recipes.diffusion import DenoisingLoss, DiffusionLossConfig
 from mmgen.recipes.vae import VAEModelSection, first_batches, psnr
 from mmgen.training import make_optimizer
+
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CONFIGS = REPOSITORY / "configs"
@@ -65,11 +67,6 @@ def machine(device: torch.device) -> dict:
     return {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def vae_run_image_size(path: Path, default: int = 32) -> int:
@@ -135,23 +132,6 @@ def training_step(model: TextToImage, loss_fn: DenoisingLoss, batch: dict):
         optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-def interleaved_seconds(steps: dict, repeats: int, iterations: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step of each function (mean over `iterations` calls) per repeat, the functions alternating."""
-    for step in steps.values():  # warm-up
-        step()
-    synchronize(device)
-    seconds = {name: [] for name in steps}
-    names = list(steps)
-    for repeat in range(repeats):
-        for name in names if repeat % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            for _ in range(iterations):
-                steps[name]()
-            synchronize(device)
-            seconds[name].append((time.perf_counter() - start) / iterations)
-    return seconds
 
 
 def throughput(vae: VAE, batch: int, repeats: int, iterations: int, device: torch.device) -> dict:
