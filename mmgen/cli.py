@@ -250,10 +250,15 @@ def run_train(args) -> None:
         raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
     import importlib
 
+    from .run_folder import RunFolder
+
     recipe = importlib.import_module(f".recipes.{args.model.replace('-', '_')}", __package__)
-    recipe.train(args.config, run_dir, args.overrides, resume=bool(args.resume))
+    try:
+        recipe.train(args.config, run_dir, args.overrides, resume=bool(args.resume))
+    finally:
+        RunFolder(run_dir).unlock()  # a run that failed before training leaves no empty folder
     hint = SAMPLE_HINTS[args.model].format(run=run_dir)
-    _on_main_process(f"model written to {Path(run_dir) / 'final'}; try: {hint}")
+    _on_main_process(f"model written to {RunFolder(run_dir).final}; try: {hint}")
 
 
 def run_finetune(args) -> None:
@@ -266,9 +271,14 @@ def run_finetune(args) -> None:
     if run_dir is None:
         raise UserError("--out RUN_DIR is required (or --resume RUN_DIR)")
     module, _ = FINETUNE_COMMANDS[args.model]
+    from .run_folder import RunFolder
+
     recipe = importlib.import_module(f".recipes.{module}", __package__)
-    recipe.train(args.config, run_dir, args.overrides, resume=bool(args.resume), base=args.base)
-    final = Path(run_dir) / "final"
+    try:
+        recipe.train(args.config, run_dir, args.overrides, resume=bool(args.resume), base=args.base)
+    finally:
+        RunFolder(run_dir).unlock()
+    final = RunFolder(run_dir).final
     if (final / "adapter_config.json").is_file():
         from .finetune import read_adapter_config
 
@@ -281,6 +291,7 @@ def run_finetune(args) -> None:
 def run_merge_lora(args) -> None:
     from .recipes.merge_lora import merge_lora
 
+    _check_new_out(args.out)
     print(f"wrote {merge_lora(args.adapter, args.out, base=args.base)}")
 
 
@@ -292,6 +303,8 @@ def _on_main_process(message: str) -> None:
 
 
 def run_sample(args) -> None:
+    if args.model in ("text2img", "variations"):
+        _check_new_out(args.out)
     if args.model == "variations" or (args.model == "text2img" and _unclip_requested(args)):
         return _run_unclip_sample(args)
     if args.model == "lm":
@@ -417,11 +430,22 @@ def run_eval(args) -> None:
 def run_quickstart(args) -> None:
     from .recipes.quickstart import quickstart
 
+    _check_new_out(args.out)
     quickstart(args.out, clip_overrides=args.clip_overrides, diffusion_overrides=args.diffusion_overrides,
                prompts=args.prompts, images_per_prompt=args.n)
 
 
+def _check_new_out(out: str) -> None:
+    """Refuse an --out that is a file, lies under a file, or is a folder that already holds files, before any model
+    is loaded: nothing a user has is ever replaced."""
+    from .run_folder import check_output_path
+
+    if check_output_path(out):
+        raise UserError(f"--out {out} already exists and is not empty; choose another --out (nothing is overwritten)")
+
+
 def run_convert(args) -> None:
+    _check_new_out(args.out)
     if args.source == "open-clip":
         from .clip.open_clip_interop import convert_open_clip
 

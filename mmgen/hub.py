@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,10 +11,11 @@ import torch
 from .config import from_dict, to_dict
 from .errors import CheckpointError, ConfigError
 from .io import atomic_folder, load_tensors, read_json, save_tensors, write_json
+from .memory import check_fits
+from .run_folder import EMA_WEIGHTS_FILE, RunFolder
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-EMA_WEIGHTS_NAME = "ema.safetensors"  # in a training checkpoint: the EMA of the trainable weights (mmgen.training.ema)
 ADAPTER_CONFIG_NAME = "adapter_config.json"  # a LoRA adapter folder (mmgen.finetune.adapter), not a model
 
 # model_type in config.json -> "module:Class"; imported only when such a folder is loaded
@@ -66,10 +67,11 @@ class PretrainedMixin:
             config = from_dict(cls.config_class, meta.get("config", {}), "config.")
         except ConfigError as error:
             raise CheckpointError(f"{folder / CONFIG_NAME}: {error}") from None
+        check_fits(lambda: cls(config), str(folder / CONFIG_NAME), device=map_location)  # before allocating anything
         model = cls(config)
         load_weights(model, folder / WEIGHTS_NAME)
-        if (folder / EMA_WEIGHTS_NAME).exists():
-            load_weights(model, folder / EMA_WEIGHTS_NAME, partial=True)
+        if (folder / EMA_WEIGHTS_FILE).exists():
+            load_weights(model, folder / EMA_WEIGHTS_FILE, partial=True)
         return model.to(map_location).eval()
 
 
@@ -101,17 +103,41 @@ def load_weights(model: torch.nn.Module, path: Path, partial: bool = False) -> N
             raise CheckpointError(
                 f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected[name].shape)}"
             )
+    _warn_unusual_casts(path, state, expected)
     model.load_state_dict(state, strict=False)
 
 
+# dtypes a checkpoint may hold for a model of another of them without a word: 16-bit checkpoints of a float32 model
+_ORDINARY_CASTS = {torch.float32, torch.float16, torch.bfloat16}
+
+
+def _warn_unusual_casts(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Warn once per file when tensors will be cast other than between float32 and 16-bit floats: float64 (silently
+    rounded), integers such as int8 (quantized values without their scales) into float parameters, or the reverse."""
+    casts: dict[tuple[torch.dtype, torch.dtype], list[str]] = {}
+    for name, tensor in state.items():
+        source, target = tensor.dtype, expected[name].dtype
+        if source != target and not (source in _ORDINARY_CASTS and target in _ORDINARY_CASTS):
+            casts.setdefault((source, target), []).append(name)
+    if casts:
+        described = "; ".join(f"{len(names)} {str(source).removeprefix('torch.')} tensor(s) cast to "
+                              f"{str(target).removeprefix('torch.')} (e.g. {names[0]})"
+                              for (source, target), names in casts.items())
+        warnings.warn(f"{path}: {described}: not a weight format mmgen writes (float32, float16, bfloat16)",
+                      stacklevel=3)
+
+
 def read_model_config(folder: Path) -> dict:
-    """config.json of a model folder, checked for a known model_type."""
+    """config.json of a model folder, checked for a known model_type and a "config" object."""
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
     meta = read_json(folder / CONFIG_NAME)
     model_type = meta.get("model_type")
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise CheckpointError(f"{folder / CONFIG_NAME}: unknown model_type {model_type!r} (known: {', '.join(MODEL_TYPES)})")
+    if not isinstance(meta.get("config"), dict):
+        found = "none" if "config" not in meta else type(meta["config"]).__name__
+        raise CheckpointError(f'{folder / CONFIG_NAME}: "config" must be an object of model settings, got {found}')
     return meta
 
 
@@ -120,31 +146,20 @@ def resolve_model_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if (path / "final" / CONFIG_NAME).exists():
-        return path / "final"
+    run = RunFolder(path)
+    if (run.final / CONFIG_NAME).exists():
+        return run.final
     if (path / CONFIG_NAME).exists():
         return path
-    latest = latest_checkpoint(path)
+    latest = run.latest()
     if latest is not None and (latest / CONFIG_NAME).exists():
         return latest
-    if any((folder / ADAPTER_CONFIG_NAME).exists() for folder in (path, path / "final", latest) if folder is not None):
+    if any((folder / ADAPTER_CONFIG_NAME).exists() for folder in (path, run.final, latest) if folder is not None):
         raise CheckpointError(f"{path} holds a LoRA adapter, not a model: pass it as --adapter with its base as the "
                               "checkpoint, or merge the two with mmgen merge-lora")
     if latest is not None:
         return latest
     raise CheckpointError(f"{path} holds no mmgen model (no config.json, final/ or checkpoints/step-N/)")
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """RUN_DIR/checkpoints/step-N with the largest N, or None."""
-    folder = Path(run_dir) / "checkpoints"
-    steps = []
-    if folder.is_dir():
-        for child in folder.iterdir():
-            match = re.fullmatch(r"step-(\d+)", child.name)
-            if match and child.is_dir():
-                steps.append((int(match.group(1)), child))
-    return max(steps)[1] if steps else None
 
 
 def model_class(model_type: str) -> type:

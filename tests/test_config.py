@@ -1,11 +1,12 @@
 """Config validation: unknown keys, wrong types and bad values name the dotted key."""
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from mmgen.config import apply_overrides, from_dict, load_yaml
+from mmgen.config import FINITE, apply_overrides, from_dict, load_yaml
 from mmgen.errors import ConfigError
 from mmgen.recipes.lm import LMRecipe
 
@@ -82,3 +83,38 @@ def test_shipped_configs_are_valid():
 
     for path in Path(__file__).resolve().parents[1].glob("configs/lm-*.yaml"):
         from_dict(LMRecipe, load_yaml(path))
+
+
+def test_yaml_aliases_are_refused(tmp_path):
+    path = tmp_path / "alias.yaml"
+    path.write_text("base: &base {lr: 0.1}\ntrain: *base\n")
+    with pytest.raises(ConfigError, match=r"YAML aliases are not allowed in configs \(line 2\)"):
+        load_yaml(path)
+    path.write_text("train: &base {lr: 0.1}\n")  # an anchor that nothing refers to expands nothing
+    assert load_yaml(path) == {"train": {"lr": 0.1}}
+    with pytest.raises(ConfigError, match="override 'a': YAML aliases are not allowed"):
+        apply_overrides({}, ["a=[&x 1, *x]"])
+
+
+def test_too_deeply_nested_yaml_is_refused(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_yaml(path)
+    with pytest.raises(ConfigError, match="override 'a': the value is nested too deeply"):
+        apply_overrides({}, ["a=" + "[" * 5000 + "]" * 5000])
+
+
+@dataclass
+class Bounds:
+    ceiling: float = field(default=float("inf"), metadata={FINITE: False})
+    rate: float = 0.1
+
+
+def test_floats_must_be_finite_unless_the_field_says_otherwise():
+    assert from_dict(Bounds, {"ceiling": float("inf")}).ceiling == float("inf")
+    assert from_dict(Bounds, {"ceiling": "-inf", "rate": "1e-3"}).rate == 1e-3
+    for data, key in (({"rate": float("nan")}, "rate"), ({"rate": "inf"}, "rate"), ({"rate": 10**400}, "rate"),
+                      ({"inner": {"pair": [0.9, float("nan")]}}, "inner.pair[1]")):
+        with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}' must be a finite number"):
+            from_dict(Bounds if "inner" not in data else Outer, data)

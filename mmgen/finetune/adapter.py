@@ -15,8 +15,9 @@ from torch import nn
 
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError, ConfigError
-from ..hub import ADAPTER_CONFIG_NAME, CONFIG_NAME, latest_checkpoint
+from ..hub import ADAPTER_CONFIG_NAME, CONFIG_NAME
 from ..io import atomic_folder, load_tensors, read_json, save_tensors, write_json
+from ..run_folder import RunFolder
 from .lora import ADAPTER_NAME, LoRAConfig, add_lora, lora_state, model_type_of
 from .quantize import logical_shape
 
@@ -72,10 +73,11 @@ def resolve_adapter_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"adapter folder not found: {path}")
-    for candidate in (path, path / "final", latest_checkpoint(path)):
+    run = RunFolder(path)
+    for candidate in (path, run.final, run.latest()):
         if candidate is not None and (candidate / ADAPTER_CONFIG).is_file():
             return candidate
-    if (path / CONFIG_NAME).is_file() or (path / "final" / CONFIG_NAME).is_file():
+    if (path / CONFIG_NAME).is_file() or (run.final / CONFIG_NAME).is_file():
         raise CheckpointError(f"{path} holds a full model, not an adapter (pass it as --checkpoint)")
     raise CheckpointError(f"{path} holds no adapter (no {ADAPTER_CONFIG} in it, its final/ or its checkpoints)")
 

@@ -9,9 +9,8 @@ import yaml
 
 from ..config import apply_overrides, from_dict, load_yaml, to_dict
 from ..errors import ConfigError, UserError
-from ..io import atomic_write_text
-
-RUN_CONFIG = "config.yaml"
+from ..run_folder import CONFIG_FILE as RUN_CONFIG
+from ..run_folder import RunFolder, check_output_path
 
 
 def load_recipe_config(schema: type, config_path: str | Path | None, overrides: list[str], run_dir: Path, resume: bool):
@@ -29,8 +28,9 @@ def load_recipe_config(schema: type, config_path: str | Path | None, overrides: 
 
 
 def check_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse to write into a folder that already holds another run (call on every process before writing)."""
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    """Refuse to write into a folder that already holds another run, that is a file or lies under one, or that
+    cannot be read or created (call on every process before writing)."""
+    if check_output_path(run_dir) and not resume:
         raise UserError(f"{run_dir} already holds files; continue it with --resume {run_dir} or choose another --out")
 
 
@@ -40,15 +40,35 @@ def open_run(schema: type, config_path, overrides, run_dir: Path, resume: bool):
 
     recipe = load_recipe_config(schema, config_path, list(overrides), run_dir, resume)
     state = process_state()
-    check_run_dir(run_dir, resume)
-    state.wait_for_everyone()
+    claim_run(Path(run_dir), resume, state)
     return recipe, state
+
+
+def claim_run(run_dir: Path, resume: bool, state) -> None:
+    """Check the run folder on every process, then lock it from the main process for the rest of the run (another
+    run in it is refused on every process with one line) and remove what a killed run left behind."""
+    check_run_dir(run_dir, resume)
+    error = None
+    if state.is_main_process:
+        run = RunFolder(run_dir)
+        try:
+            run.lock()
+            check_run_dir(run_dir, resume)  # again under the lock: another run may have started in between
+            run.clean()
+        except UserError as problem:
+            run.unlock()
+            error = str(problem)
+    if state.num_processes > 1:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise UserError(error)
 
 
 def write_run_config(run_dir: Path, config) -> None:
     """Save the resolved config as RUN_DIR/config.yaml (what --resume reads back)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / RUN_CONFIG, yaml.safe_dump(to_dict(config), sort_keys=False))
+    RunFolder(run_dir).write_config(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
 def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: int = 0, world_size: int = 1,
@@ -57,8 +77,10 @@ def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: 
 
     `shapes_options` (ShapesDataset keyword arguments) apply to shapes training data only.
 
-    With data.cache the training set is decoded once into memory (finite datasets only)."""
-    from ..data.cache import InMemoryCaptions
+    With data.cache the training set is decoded once into memory (finite datasets only) as 8-bit images a little
+    above `image_size` (mmgen.data.cache.CachedCaptions): random crops are still drawn per item, and bad samples
+    are still counted each time they are drawn."""
+    from ..data.cache import CachedCaptions
     from ..data.captions import build_caption_dataset
 
     options = dict(image_size=image_size, normalize=normalize, columns=data.columns, templates=data.templates,
@@ -68,8 +90,8 @@ def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: 
     if data.cache:
         if isinstance(train_set, torch.utils.data.IterableDataset):
             raise ConfigError("data.cache needs a finite dataset (a table, a folder or shapes), not streamed shards")
-        train_set = InMemoryCaptions(train_set, num_workers=cache_workers(len(train_set), num_workers),
-                                     progress=progress, description="caching training images")
+        train_set = CachedCaptions(train_set, image_size, num_workers=cache_workers(len(train_set), num_workers),
+                                   progress=progress, description="caching training images")
     val_set = build_caption_dataset(data.val, split="val", train=False, **options) if data.val else None
     return train_set, val_set
 

@@ -21,8 +21,8 @@ from ..diffusion.decoder import DecoderConfig, UnCLIPDecoder
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.unet import UNetConfig
 from ..errors import ConfigError
-from ..hub import latest_checkpoint
 from ..pipelines.unclip import DecoderPipeline
+from ..run_folder import RunFolder
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
 from .common import caption_datasets, open_run, robust, write_run_config
@@ -131,7 +131,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
 
     run_dir = Path(run_dir)
     recipe, state = open_run(DecoderRecipe, config_path, overrides, run_dir, resume)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = RunFolder(run_dir).latest() if resume else None
     set_seed(recipe.train.seed)
     # a checkpoint holds the CLIP: resuming does not need the CLIP folder
     if checkpoint is None:

@@ -28,8 +28,9 @@ from ..diffusion.text2img import TextToImage, TextToImageConfig, tokenize_prompt
 from ..diffusion.unet import UNetConfig
 from ..diffusion.vae import VAE
 from ..errors import CheckpointError, ConfigError, UserError
-from ..hub import latest_checkpoint, load_as, read_model_config
+from ..hub import load_as, read_model_config
 from ..pipelines.text2img import TextToImagePipeline
+from ..run_folder import RunFolder
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
 from .common import caption_datasets, open_run, robust, write_run_config
@@ -280,7 +281,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
 
     run_dir = Path(run_dir)
     recipe, state = open_run(schema, config_path, overrides, run_dir, resume)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = RunFolder(run_dir).latest() if resume else None
     clip = vae = None
     if checkpoint is None:  # a checkpoint holds the text encoder and VAE: resuming needs neither folder
         clip = load_text_encoder(recipe.model.text_encoder)

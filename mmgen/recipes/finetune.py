@@ -25,7 +25,7 @@ from ..finetune import (
 )
 from ..hub import load_as, resolve_model_folder
 from ..training.trainer import default_load, default_save, process_state
-from .common import check_run_dir, load_recipe_config
+from .common import claim_run, load_recipe_config
 
 
 @dataclass
@@ -56,8 +56,7 @@ def start(schema: type, model_class: type, config_path, run_dir, overrides, resu
     if recipe.base is None:
         raise UserError("--base CHECKPOINT is required: the run or model folder to fine-tune")
     state = process_state()
-    check_run_dir(run_dir, resume)
-    state.wait_for_everyone()
+    claim_run(run_dir, resume, state)
     folder = resolve_model_folder(recipe.base)
     model = load_as(folder, model_class)
     if recipe.method != "full":  # the adapter's problems surface before anything is written

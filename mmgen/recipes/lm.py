@@ -11,11 +11,12 @@ from torch.nn import functional as F
 
 from ..data.text import TokenWindows, read_corpus, stack_windows
 from ..errors import ConfigError
+from ..run_folder import RunFolder
 from ..text.gpt import GPT, GPTConfig
 from ..text.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer, load_tokenizer
 from ..training import TrainConfig, Trainer
 from ..training.trainer import default_save, process_state
-from .common import check_run_dir, load_recipe_config, write_run_config
+from .common import claim_run, load_recipe_config, write_run_config
 
 
 @dataclass
@@ -79,11 +80,11 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     run_dir = Path(run_dir)
     recipe = load_config(config_path, list(overrides), run_dir, resume)
     state = process_state()
-    check_run_dir(run_dir, resume)
-    state.wait_for_everyone()
+    claim_run(run_dir, resume, state)
     text = read_corpus(recipe.data.path)
-    if resume and (run_dir / "final" / TOKENIZER_FILE).exists():
-        tokenizer = load_tokenizer(run_dir / "final")
+    final = RunFolder(run_dir).final
+    if resume and (final / TOKENIZER_FILE).exists():
+        tokenizer = load_tokenizer(final)
     elif recipe.data.tokenizer == "char":
         tokenizer = CharTokenizer.train(text)
     else:

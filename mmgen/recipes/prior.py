@@ -20,8 +20,8 @@ from ..diffusion.prior import DiffusionPrior, PriorConfig, PriorTransformerConfi
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.text2img import tokenize_prompts
 from ..errors import ConfigError, UserError
-from ..hub import latest_checkpoint
 from ..pipelines.unclip import PriorPipeline
+from ..run_folder import RunFolder
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
 from .common import caption_datasets, open_run, robust, write_run_config
@@ -128,7 +128,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
 
     run_dir = Path(run_dir)
     recipe, state = open_run(PriorRecipe, config_path, overrides, run_dir, resume)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = RunFolder(run_dir).latest() if resume else None
     set_seed(recipe.train.seed)
     # a checkpoint holds the CLIP: resuming does not need the CLIP folder
     if checkpoint is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..data.shapes import ShapesDataset
 from ..errors import UserError
+from ..run_folder import RunFolder
 
 PRESETS = resources.files(__package__) / "presets"
 CLIP_PRESET = "quickstart-clip.yaml"
@@ -71,8 +72,8 @@ def quickstart(out_dir, *, clip_overrides=(), diffusion_overrides=(), prompts: i
     summary = {
         "zeroshot/top1": zeroshot["zeroshot/top1"],
         "zeroshot/top5": zeroshot["zeroshot/top5"],
-        "clip": str(clip_dir / "final"),
-        "text2img": str(diffusion_dir / "final"),
+        "clip": str(RunFolder(clip_dir).final),
+        "text2img": str(RunFolder(diffusion_dir).final),
         "grid": str(samples_dir / "grid.png"),
         "prompts": chosen,
         "seconds": round(time.monotonic() - started, 1),

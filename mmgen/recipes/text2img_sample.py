@@ -6,8 +6,9 @@ from pathlib import Path
 
 from ..data.images import make_grid
 from ..errors import UserError
-from ..io import atomic_folder, write_json
+from ..io import write_json
 from ..pipelines.text2img import TextToImagePipeline
+from ..run_folder import new_output_folder
 
 
 def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_prompt: int = 4, clip_model=None,
@@ -17,19 +18,25 @@ def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_pro
     `options` go to TextToImagePipeline.__call__. An existing OUT_DIR that holds files is refused, never overwritten.
     """
     out_dir = check_out_dir(out_dir)
-    pipeline = on_device(device, lambda: TextToImagePipeline.from_pretrained(checkpoint, clip_model=clip_model,
-                                                                             device=device, adapter=adapter))
-    images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
-    entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
-    record = {"checkpoint": str(checkpoint), "adapter": adapter and str(adapter),
-              "num_images_per_prompt": num_images_per_prompt, **options}
-    return write_samples(out_dir, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
+    with new_output_folder(out_dir) as staging:
+        pipeline = on_device(device, lambda: TextToImagePipeline.from_pretrained(checkpoint, clip_model=clip_model,
+                                                                                 device=device, adapter=adapter))
+        images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
+        entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
+        record = {"checkpoint": str(checkpoint), "adapter": adapter and str(adapter),
+                  "num_images_per_prompt": num_images_per_prompt, **options}
+        names = write_samples(staging, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
+    return [out_dir / name for name in names]
 
 
 def check_out_dir(out_dir) -> Path:
-    """OUT_DIR as a Path; one that exists and holds files is refused (nothing is ever overwritten)."""
+    """OUT_DIR as a Path; a file, or a folder that holds files, is refused (nothing is ever overwritten).
+
+    The early check only saves a wasted run: `new_output_folder` locks OUT_DIR and checks again."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a folder; choose another --out")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} already exists and is not empty; choose another --out (nothing is overwritten)")
     return out_dir
 
@@ -42,14 +49,13 @@ def on_device(device: str, load):
         raise UserError(f"--device {device}: {str(error).splitlines()[0]}") from None
 
 
-def write_samples(out_dir: Path, images: list, entries: list[dict], columns: int | None, record: dict) -> list[Path]:
-    """Write OUT_DIR/000.png ..., grid.png (rows of `columns`) and samples.json ({**record, "images": [{"file": ...,
-    **entry}, ...]}), all at once."""
+def write_samples(folder: Path, images: list, entries: list[dict], columns: int | None, record: dict) -> list[str]:
+    """Write folder/000.png ..., grid.png (rows of `columns`) and samples.json ({**record, "images": [{"file": ...,
+    **entry}, ...]}) into a staging folder of `new_output_folder`; return the image file names."""
     names = [f"{index:03d}.png" for index in range(len(images))]
-    with atomic_folder(out_dir) as staging:
-        for name, image in zip(names, images):
-            image.save(staging / name)
-        make_grid(images, columns).save(staging / "grid.png")
-        files = [{"file": name, **entry} for name, entry in zip(names, entries)]
-        write_json(staging / "samples.json", {**record, "images": files})
-    return [out_dir / name for name in names]
+    for name, image in zip(names, images):
+        image.save(folder / name)
+    make_grid(images, columns).save(folder / "grid.png")
+    files = [{"file": name, **entry} for name, entry in zip(names, entries)]
+    write_json(folder / "samples.json", {**record, "images": files})
+    return names

@@ -9,6 +9,7 @@ from ..data.images import load_rgb
 from ..errors import UserError
 from ..hub import read_model_config, resolve_model_folder
 from ..pipelines.unclip import DecoderPipeline, UnCLIPPipeline
+from ..run_folder import new_output_folder
 from .clip_eval import image_files
 from .text2img_sample import check_out_dir, on_device, write_samples
 
@@ -25,12 +26,14 @@ def sample_unclip_images(prior, decoder, prompts: list[str], out_dir, *, num_ima
     `options` go to UnCLIPPipeline.__call__. An existing OUT_DIR that holds files is refused, never overwritten.
     """
     out_dir = check_out_dir(out_dir)
-    pipeline = on_device(device, lambda: UnCLIPPipeline.from_pretrained(prior, decoder, device=device))
-    images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
-    entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
-    record = {"checkpoint": str(prior), "decoder": str(decoder), "num_images_per_prompt": num_images_per_prompt,
-              **options}
-    return write_samples(out_dir, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
+    with new_output_folder(out_dir) as staging:
+        pipeline = on_device(device, lambda: UnCLIPPipeline.from_pretrained(prior, decoder, device=device))
+        images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
+        entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
+        record = {"checkpoint": str(prior), "decoder": str(decoder), "num_images_per_prompt": num_images_per_prompt,
+                  **options}
+        names = write_samples(staging, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
+    return [out_dir / name for name in names]
 
 
 def sample_variations(decoder, paths: list[str], out_dir, *, num_variations: int = 4, device: str = "cpu",
@@ -48,8 +51,10 @@ def sample_variations(decoder, paths: list[str], out_dir, *, num_variations: int
             inputs.append(load_rgb(path))
         except Exception as error:  # PIL raises many types for a bad file
             raise UserError(f"{path}: not a readable image ({type(error).__name__})") from None
-    pipeline = on_device(device, lambda: DecoderPipeline.from_pretrained(decoder, device=device))
-    images = pipeline.variations(inputs, num_variations=num_variations, **options)
-    entries = [{"image": str(files[index // num_variations])} for index in range(len(images))]
-    record = {"checkpoint": str(decoder), "num_variations": num_variations, **options}
-    return write_samples(out_dir, images, entries, num_variations, record)
+    with new_output_folder(out_dir) as staging:
+        pipeline = on_device(device, lambda: DecoderPipeline.from_pretrained(decoder, device=device))
+        images = pipeline.variations(inputs, num_variations=num_variations, **options)
+        entries = [{"image": str(files[index // num_variations])} for index in range(len(images))]
+        record = {"checkpoint": str(decoder), "num_variations": num_variations, **options}
+        names = write_samples(staging, images, entries, num_variations, record)
+    return [out_dir / name for name in names]

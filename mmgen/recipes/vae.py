@@ -21,6 +21,7 @@ import torch
 from ..data.images import make_grid, save_png, to_pil_images
 from ..data.robust import BadSampleTracker, collate_captions
 from ..diffusion.vae import VAE, VAEConfig, vae_loss
+from ..run_folder import RunFolder
 from ..training import TrainConfig, Trainer
 from ..training.trainer import process_state
 from .common import caption_datasets, open_run, robust, write_run_config
@@ -206,5 +207,5 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     )
     model = trainer.fit(resume=resume)
     state.print(f"latent scaling factor {model.config.scaling_factor:.5g} (1 / std of the latents of "
-                f"{recipe.evaluation.scaling_batches} training batches), stored in {run_dir / 'final'}")
+                f"{recipe.evaluation.scaling_batches} training batches), stored in {RunFolder(run_dir).final}")
     return model

@@ -123,15 +123,29 @@ def from_gpt2(hf_model) -> GPT:
 
 
 def convert_gpt2_folder(source, out) -> None:
-    """`mmgen convert gpt2`: read a GPT2LMHeadModel folder (no download) and write an mmgen GPT folder."""
+    """`mmgen convert gpt2`: read a GPT2LMHeadModel folder (no download) and write an mmgen GPT folder.
+
+    Pickled weights (pytorch_model.bin) are read by transformers with torch.load(weights_only=True), which refuses a
+    pickle that would run code; that refusal is one line here, and the warnings of a failed read are not shown."""
+    import pickle
+    import warnings
     from pathlib import Path
 
     from transformers import GPT2LMHeadModel
 
     if not (Path(source) / "config.json").is_file():
         raise UserError(f"--model {source}: not a transformers model folder (no config.json)")
-    try:
-        hf_model = GPT2LMHeadModel.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise UserError(f"--model {source}: cannot read it as GPT-2 ({str(error).splitlines()[0]})") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hf_model = GPT2LMHeadModel.from_pretrained(source, local_files_only=True)
+        except pickle.UnpicklingError:
+            pickles = ", ".join(path.name for path in sorted(Path(source).glob("*.bin"))) or "its weights file"
+            raise UserError(f"--model {source}: {pickles} is a pickle that torch.load(weights_only=True) refuses (it "
+                            "would run code or holds more than tensors); convert it to model.safetensors with a "
+                            "trusted tool, or get the safetensors weights") from None
+        except (OSError, ValueError, RuntimeError) as error:
+            raise UserError(f"--model {source}: cannot read it as GPT-2 ({str(error).splitlines()[0]})") from None
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     from_gpt2(hf_model).save_pretrained(out)

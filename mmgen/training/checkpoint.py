@@ -1,4 +1,5 @@
-"""Resumable training state as safetensors + JSON (no pickles): optimizer, step, RNG, loss scaler."""
+"""Resumable training state as safetensors + JSON (no pickles): optimizer and RNG (file names and the step:
+mmgen.run_folder)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from ..errors import CheckpointError
 from ..io import load_tensors, read_json, save_tensors, write_json
 
 OPTIMIZER_TENSORS = "optimizer.safetensors"
-TRAINER_STATE = "trainer_state.json"
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
@@ -59,14 +59,3 @@ def rng_from_file(path: Path) -> None:
     torch.set_rng_state(tensors["cpu"])
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])
-
-
-def write_trainer_state(folder: Path, state: dict) -> None:
-    write_json(folder / TRAINER_STATE, state)
-
-
-def read_trainer_state(folder: Path) -> dict:
-    state = read_json(folder / TRAINER_STATE)
-    if not isinstance(state.get("step"), int):
-        raise CheckpointError(f"{folder / TRAINER_STATE}: no step recorded")
-    return state

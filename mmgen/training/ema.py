@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..hub import EMA_WEIGHTS_NAME as EMA_WEIGHTS
+from ..run_folder import EMA_WEIGHTS_FILE as EMA_WEIGHTS
 from ..io import load_tensors, save_tensors
 
 

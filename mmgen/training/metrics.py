@@ -6,13 +6,14 @@ import json
 from pathlib import Path
 
 from ..io import atomic_write_text
+from ..run_folder import RunFolder
 
 
 class MetricsLogger:
     """Appends {"step": N, name: value, ...} lines to metrics.jsonl (and TensorBoard scalars when enabled)."""
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = RunFolder(run_dir).metrics_file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
         self._writer = None
@@ -22,7 +23,7 @@ class MetricsLogger:
             except ImportError:
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._writer = SummaryWriter(str(RunFolder(run_dir).tensorboard_folder))
 
     def log(self, step: int, metrics: dict) -> None:
         """Write one record for `step`."""
@@ -42,7 +43,7 @@ class MetricsLogger:
 
 def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
     """Drop records after `last_step` (written by a run that is being resumed from that step)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics_file
     if not path.exists():
         return
     kept = []
@@ -57,7 +58,7 @@ def truncate_metrics(run_dir: str | Path, last_step: int) -> None:
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """All records of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunFolder(run_dir).metrics_file
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

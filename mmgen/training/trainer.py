@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import math
 import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +22,12 @@ from tqdm.auto import tqdm
 
 from ..data.sampling import FixedBatchSampler, StepBatchSampler
 from ..errors import ConfigError, UserError
-from ..hub import WEIGHTS_NAME, latest_checkpoint, load_weights
+from ..hub import WEIGHTS_NAME, load_weights
 from ..io import atomic_folder
-from .checkpoint import (
-    optimizer_from_files,
-    optimizer_to_files,
-    read_trainer_state,
-    rng_from_file,
-    rng_to_file,
-    write_trainer_state,
-)
+from ..run_folder import RunFolder
+from .checkpoint import optimizer_from_files, optimizer_to_files, rng_from_file, rng_to_file
 from .ema import ExponentialMovingAverage
+from .interrupts import DeferredStop, Interrupted, ignore_stop_signals
 from .metrics import MetricsLogger, truncate_metrics
 from .optim import learning_rate, make_optimizer
 
@@ -113,6 +108,8 @@ class Trainer:
     at evaluations and for final/ (val/loss and checkpoints' model.safetensors use the trained weights).
     """
 
+    check_loss_every_step: bool | None = None  # None: on CPU only (free there; a host sync per step elsewhere)
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -132,6 +129,7 @@ class Trainer:
 
         self.config = config
         self.run_dir = Path(run_dir)
+        self.run = RunFolder(run_dir)
         self.loss_fn = loss_fn
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
@@ -148,10 +146,15 @@ class Trainer:
             self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu_only_launch())
         except ValueError as error:
             raise ConfigError(f"train.mixed_precision={config.mixed_precision!r}: {error}") from None
+        if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            self.accelerator.print("warning: train.mixed_precision=fp16 has no effect on CPU, training runs in fp32 "
+                                   "(bf16 is the mixed precision CPUs support)", file=sys.stderr)
         self.model = model
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.betas)
         self.ema = ExponentialMovingAverage(model, config.ema_decay, config.ema_warmup) if config.ema_decay else None
         self.step = 0
+        self.stop = DeferredStop()
+        self._window_loss = torch.zeros(())  # the losses since the last log step (checked before every save)
 
     # ------------------------------------------------------------------ data
     def _train_batches(self):
@@ -208,6 +211,7 @@ class Trainer:
             collate_fn=self.collate_fn,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,  # Ctrl-C / SIGTERM are the Trainer's job
             pin_memory=self.accelerator.device.type == "cuda",
             # its own generator: creating a loader must not draw from the global RNG (exact resume needs that)
             generator=torch.Generator().manual_seed(self.config.seed + self.accelerator.process_index),
@@ -215,9 +219,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False):
-        """Train to `max_steps` (continuing from the latest checkpoint when `resume`); return the model."""
+        """Train to `max_steps` (continuing from the latest checkpoint when `resume`); return the model.
+
+        Ctrl-C, SIGTERM and SIGUSR1 stop at the next step boundary with a checkpoint (mmgen.training.interrupts);
+        a non-finite loss stops before anything is written from the diverged state."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            self.run.lock()  # the recipes lock first; a Trainer used on its own locks here (re-entrant)
+            self.run.clean()
+        try:
+            with DeferredStop() as self.stop:
+                return self._fit(resume)
+        finally:
+            if accelerator.is_main_process:
+                self.run.unlock()
+
+    def _fit(self, resume: bool):
         config, accelerator = self.config, self.accelerator
-        resume_folder = latest_checkpoint(self.run_dir) if resume else None
+        resume_folder = self.run.latest() if resume else None
         if resume and resume_folder is None:
             raise UserError(f"--resume: {self.run_dir} has no checkpoints/step-N folder to resume from")
         if resume_folder is not None:
@@ -237,7 +256,12 @@ class Trainer:
             disable=not (config.progress and accelerator.is_main_process),
             dynamic_ncols=True,
         )
-        window_loss = torch.zeros((), device=accelerator.device)
+        # the loss is checked for NaN / inf every step on CPU (free); on an accelerator at log steps and before every
+        # checkpoint (no host sync per step): either way no checkpoint is ever written from a diverged state
+        check_every_step = self.check_loss_every_step
+        if check_every_step is None:
+            check_every_step = accelerator.device.type == "cpu"
+        self._window_loss = torch.zeros((), device=accelerator.device)
         window_extras: dict[str, list[float]] = {}
         window_steps, window_start = 0, time.perf_counter()
         model.train()
@@ -253,18 +277,9 @@ class Trainer:
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                for micro_step in range(config.grad_accum_steps):
-                    batch = _to_device(next(train_batches), accelerator.device)
-                    last = micro_step == config.grad_accum_steps - 1
-                    sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
-                        loss, extras = _split_loss(self.loss_fn(model, batch))
-                        loss = loss / config.grad_accum_steps
-                    for name, value in extras.items():
-                        # tensors stay on the device until the log step: no host sync per step
-                        window_extras.setdefault(name, []).append(value.detach() if torch.is_tensor(value) else value)
-                    accelerator.backward(loss)
-                    window_loss += loss.detach()
+                step_loss = self._accumulate_gradients(model, train_batches, window_extras)
+                if check_every_step and not torch.isfinite(step_loss):
+                    self._diverged(self.step + 1, step_loss.item())  # before the update: the weights stay good
                 if config.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
@@ -272,25 +287,25 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update(accelerator.unwrap_model(model), self.step)
                 self.step += 1
+                self._window_loss += step_loss
                 window_steps += 1
                 progress.update(1)
 
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
                     elapsed = time.perf_counter() - window_start
-                    train_loss = accelerator.reduce(window_loss, reduction="mean").item() / window_steps
+                    train_loss = accelerator.reduce(self._window_loss, reduction="mean").item() / window_steps
                     if not math.isfinite(train_loss):
-                        raise UserError(f"training diverged at step {self.step} (loss {train_loss}); lower train.lr")
+                        self._diverged(self.step, train_loss)
                     metrics = {"train/loss": train_loss, "lr": lr}
                     metrics.update(_summarise(window_extras))
                     window_extras = {}
                     metrics["throughput/samples_per_s"] = global_batch * window_steps / elapsed
                     if self.tokens_per_sample:
                         metrics["throughput/tokens_per_s"] = metrics["throughput/samples_per_s"] * self.tokens_per_sample
-                    postfix = {"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}"}
-                    progress.set_postfix(postfix, refresh=False)
+                    progress.set_postfix({"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}"}, refresh=False)
                     if logger:
                         logger.log(self.step, metrics)
-                    window_loss.zero_()
+                    self._window_loss.zero_()
                     window_steps, window_start = 0, time.perf_counter()
 
                 if (config.eval_every and self.step % config.eval_every == 0) or self.step == config.max_steps:
@@ -302,20 +317,77 @@ class Trainer:
                             logger.log(self.step, metrics)
                     window_start = time.perf_counter()  # evaluation time is not training throughput
 
+                saved = False
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < config.max_steps:
                     self.save_checkpoint()
+                    saved = True
                     window_start = time.perf_counter()
-        except KeyboardInterrupt:
+                if self.step < config.max_steps and self._stop_requested():
+                    self._stop(saved)
+        except KeyboardInterrupt:  # a second Ctrl-C, or no handler could be installed: the step may be half done
+            latest = self.run.latest()
+            raise Interrupted(f"interrupted at step {self.step} without a checkpoint; "
+                              + (f"--resume {self.run_dir} continues from {latest.name}" if latest else
+                                 "no checkpoint was written yet"), 130) from None
+        finally:
             progress.close()
-            if self.step > 0:
-                self.save_checkpoint()
-            raise UserError(f"interrupted at step {self.step}; continue with --resume {self.run_dir}") from None
-        progress.close()
+            if logger:
+                logger.close()
         self.save_final()
-        if logger:
-            logger.close()
         accelerator.wait_for_everyone()
         return self._model_to_keep()
+
+    def _accumulate_gradients(self, model, train_batches, window_extras: dict) -> torch.Tensor:
+        """Forward and backward over one step's micro-batches; returns the step's (detached) loss."""
+        accelerator, config = self.accelerator, self.config
+        step_loss = torch.zeros((), device=accelerator.device)
+        for micro_step in range(config.grad_accum_steps):
+            batch = _to_device(next(train_batches), accelerator.device)
+            last = micro_step == config.grad_accum_steps - 1
+            sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss, extras = _split_loss(self.loss_fn(model, batch))
+                loss = loss / config.grad_accum_steps
+            for name, value in extras.items():
+                # tensors stay on the device until the log step: no host sync per step
+                window_extras.setdefault(name, []).append(value.detach() if torch.is_tensor(value) else value)
+            accelerator.backward(loss)
+            step_loss += loss.detach().float()
+        return step_loss
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal reached any process (all processes must stop at the same step)."""
+        requested = self.stop.requested is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(requested), device=self.accelerator.device)
+            requested = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return requested
+
+    def _stop(self, saved: bool):
+        """Checkpoint (unless this step just was) and leave with Interrupted, naming --resume."""
+        folder = self.run.checkpoint(self.step) if saved else self.save_checkpoint()
+        what = self.stop.name() if self.stop.requested is not None else "a stop signal on another process"
+        exit_code = self.stop.exit_code() if self.stop.requested is not None else 75
+        raise Interrupted(f"stopped by {what} at step {self.step}; checkpoint {folder} written, continue with "
+                          f"--resume {self.run_dir}", exit_code)
+
+    def _diverged(self, step: int, loss: float):
+        """Stop on a non-finite loss, naming the last good checkpoint (nothing is written from this state)."""
+        latest = self.run.latest()
+        where = (f"the last good checkpoint is {latest}: --resume {self.run_dir} continues from it (consider a lower "
+                 "train.lr)" if latest else "no checkpoint was written; lower train.lr and start again")
+        raise UserError(f"training diverged at step {step} (loss {loss}); nothing was saved from it, {where}")
+
+    def _check_finite(self) -> None:
+        """Refuse to save a state whose loss window or trainable weights hold NaN / inf."""
+        parameters = [p.detach() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+        norms = torch.stack([norm.float() for norm in torch._foreach_norm(parameters)]) if parameters else None
+        finite = torch.isfinite(self._window_loss).all() and (norms is None or torch.isfinite(norms).all())
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(not finite), device=self.accelerator.device)
+            finite = self.accelerator.reduce(flag, reduction="sum").item() == 0
+        if not finite:
+            self._diverged(self.step, float("nan"))
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -345,51 +417,75 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
-        """Write RUN_DIR/checkpoints/step-N (model, optimizer, RNG, step) atomically; keep the newest few."""
-        accelerator = self.accelerator
-        folder = self.run_dir / "checkpoints" / f"step-{self.step}"
-        staging = folder.with_name(f".step-{self.step}.tmp")
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            self.save_fn(accelerator.unwrap_model(self.model), staging)
-            optimizer_to_files(self.optimizer, staging)
-            if self.ema is not None:
-                self.ema.save(staging)
-            write_trainer_state(staging, {"step": self.step, "num_processes": accelerator.num_processes})
-        rng_to_file(staging / f"rng-{accelerator.process_index}.safetensors")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-            self._prune_checkpoints()
-        accelerator.wait_for_everyone()
-        return folder
+        """Write RUN_DIR/checkpoints/step-N (model, optimizer, RNG, step) atomically; keep the newest few.
 
-    def _prune_checkpoints(self) -> None:
-        folders = sorted(
-            (int(path.name.split("-")[1]), path)
-            for path in (self.run_dir / "checkpoints").glob("step-*")
-            if path.name.split("-")[1].isdigit()
-        )
-        for _, path in folders[: -self.config.keep_checkpoints]:
-            shutil.rmtree(path, ignore_errors=True)
+        A non-finite state is never written; a write that fails (a full disk) leaves no temporary folder and the
+        previous checkpoint the latest, and stops the run with one line."""
+        accelerator, step = self.accelerator, self.step
+        self._check_finite()
+        failure = None
+        try:
+            if accelerator.is_main_process:
+                staging = self.run.checkpoint_staging(step)
+        except OSError as error:
+            failure = error
+        accelerator.wait_for_everyone()
+        staging = self.run.checkpoint_staging_path(step)
+        try:
+            if failure is None and accelerator.is_main_process:
+                self.save_fn(accelerator.unwrap_model(self.model), staging)
+                optimizer_to_files(self.optimizer, staging)
+                if self.ema is not None:
+                    self.ema.save(staging)
+                self.run.write_state(staging, {"step": step, "num_processes": accelerator.num_processes})
+            if failure is None:
+                rng_to_file(staging / f"rng-{accelerator.process_index}.safetensors")
+        except OSError as error:
+            failure = error
+        if self._failed_anywhere(failure):
+            if accelerator.is_main_process:
+                self.run.discard_staging(step)
+            latest = self.run.latest()
+            reason = f"{failure.strerror or failure}" if failure is not None else "it failed on another process"
+            raise UserError(f"could not write checkpoint step-{step} in {self.run_dir}: {reason}; "
+                            + (f"{latest} is still the latest" if latest else "no checkpoint was written yet"))
+        if accelerator.is_main_process:
+            self.run.publish_checkpoint(step)
+            self.run.prune(self.config.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return self.run.checkpoint(step)
+
+    def _failed_anywhere(self, failure: Exception | None) -> bool:
+        """Whether any process failed (every process must take the same branch after a barrier)."""
+        failed = failure is not None
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(failed), device=self.accelerator.device)
+            failed = self.accelerator.reduce(flag, reduction="sum").item() > 0
+        return failed
 
     def save_final(self) -> Path:
         """Write RUN_DIR/final (config.json + model.safetensors + recipe files; the EMA weights if on) atomically."""
-        folder = self.run_dir / "final"
+        self._check_finite()
+        folder = self.run.final
         self.accelerator.wait_for_everyone()
+        failure = None
         if self.accelerator.is_main_process:
-            with atomic_folder(folder) as staging:
-                self.save_fn(self._model_to_keep(), staging)
+            try:
+                with atomic_folder(folder) as staging:
+                    self.save_fn(self._model_to_keep(), staging)
+            except OSError as error:
+                failure = error
+        if self._failed_anywhere(failure):
+            latest = self.run.latest()
+            reason = f"{failure.strerror or failure}" if failure is not None else "it failed on another process"
+            raise UserError(f"could not write {folder}: {reason}; "
+                            + (f"--resume {self.run_dir} continues from {latest.name}" if latest else
+                               "no checkpoint was written"))
         self.accelerator.wait_for_everyone()
         return folder
 
     def _load_checkpoint(self, folder: Path) -> None:
-        state = read_trainer_state(folder)
+        state = self.run.read_state(folder)
         self.load_fn(self.model, folder)
         optimizer_from_files(self.optimizer, folder)
         if self.ema is not None:

@@ -138,3 +138,18 @@ def test_train_refuses_a_text_encoder_that_is_not_a_clip(trained, tmp_path, caps
         code, _, err = run_cli(["train", "diffusion", "--config", config, "--out", tmp_path / "run", *overrides], capsys)
         one_line_error(code, err, 2, fragment)
         assert not (tmp_path / "run").exists()
+
+
+def test_two_samplers_into_one_new_folder_the_second_is_refused(trained, tmp_path, capsys):
+    from tests.locks import lock_held_elsewhere
+
+    out = tmp_path / "shared"
+    command = ["sample", "text2img", "--checkpoint", trained / "run", "--prompt", "a red circle", "--steps", 2, "--n",
+               1, "--out", out]
+    with lock_held_elsewhere(out):  # a first `mmgen sample` still sampling into the new folder
+        code, _, err = run_cli(command, capsys)
+    one_line_error(code, err, 1, "in use by another mmgen process")
+    code, out_text, _ = run_cli(command, capsys)
+    assert code == 0 and (out / "grid.png").is_file()
+    code, _, err = run_cli(command, capsys)  # the first one's files are never replaced
+    one_line_error(code, err, 1, "already exists and is not empty")
