@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import re
+import sys
 import tarfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -305,11 +306,36 @@ class WebDatasetShards(IterableDataset):
         return load_sample(io.BytesIO(files[image_key]), caption, self.transform, source=source)
 
 
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """TarInfo that notes on the archive why reading headers stopped, so that a shard cut short at a member
+    boundary (no end-of-archive zero block: tarfile just stops) can be told from a complete one."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.HeaderError as error:
+            archive.mmgen_stop = error
+            raise
+
+
+_warned_shards: set[str] = set()  # shards already named in a warning by this process
+
+
+def _damaged_shard(shard: str, reason: str) -> BadSample:
+    """The BadSample for a damaged shard, warning about it once per shard (the tracker names only a few)."""
+    if shard not in _warned_shards:
+        _warned_shards.add(shard)
+        print(f"warning: {shard}: {reason}; the samples after that point are lost", file=sys.stderr)
+    return BadSample(shard, f"unreadable shard: {reason}")
+
+
 def _tar_samples(shard: str) -> Iterator:
-    """(shard:key, {extension: bytes}) for each run of members sharing a key; a damaged shard ends in a BadSample."""
+    """(shard:key, {extension: bytes}) for each run of members sharing a key; a damaged or truncated shard ends
+    in a BadSample (and a warning)."""
     key, files = None, {}
     try:
-        with tarfile.open(shard, mode="r|*") as archive:
+        with tarfile.open(shard, mode="r|*", tarinfo=_EndAwareTarInfo) as archive:
             for member in archive:
                 folder, _, name = member.name.rpartition("/")
                 stem, dot, extension = name.partition(".")
@@ -321,11 +347,16 @@ def _tar_samples(shard: str) -> Iterator:
                         yield f"{shard}:{key}", files
                     key, files = member_key, {}
                 files[extension.lower()] = archive.extractfile(member).read()
+            stop = getattr(archive, "mmgen_stop", None)
     except (OSError, EOFError, tarfile.TarError) as error:
-        yield BadSample(shard, f"unreadable shard: {error}")
+        yield _damaged_shard(shard, str(error) or type(error).__name__)
         return
     if key is not None:
         yield f"{shard}:{key}", files
+    if isinstance(stop, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        yield _damaged_shard(shard, "truncated (it ends without the end-of-archive blocks)")
+    elif not isinstance(stop, tarfile.EOFHeaderError):  # a damaged header after the first member
+        yield _damaged_shard(shard, f"damaged header ({stop})" if stop else "damaged")
 
 
 def _shuffled(samples: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:

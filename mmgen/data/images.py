@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional
 
 from ..errors import ConfigError
 from ..io import atomic_write_bytes
@@ -21,17 +25,53 @@ NORMALIZATIONS = {
     "clip": (CLIP_MEAN, CLIP_STD),
     "minus_one_to_one": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+# the most width x height pixels load_rgb decodes (a 10000x10000 PNG can be a few hundred KB on disk and 300 MB in
+# memory); the environment variable, read at every load so DataLoader workers see it too, changes it. PIL itself
+# still refuses images above 2 x PIL.Image.MAX_IMAGE_PIXELS (~179 megapixels) whatever this says.
+MAX_PIXELS_VARIABLE = "MMGEN_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 _WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 _HIGH_BIT_DEPTH = ("I", "F")  # plus every "I;16..." mode
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of load_rgb: $MMGEN_MAX_IMAGE_PIXELS if set, else DEFAULT_MAX_IMAGE_PIXELS."""
+    value = os.environ.get(MAX_PIXELS_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{MAX_PIXELS_VARIABLE} must be a positive whole number of pixels, got {value!r}")
+    return int(value)
 
 
 def load_rgb(source) -> Image.Image:
     """Open an image (path or binary file object), decode it completely and return it as 8-bit RGB.
 
-    Raises what PIL raises for a missing, truncated or undecodable file (OSError and friends)."""
-    with Image.open(source) as image:
+    Raises what PIL raises for a missing, truncated or undecodable file (OSError and friends), and
+    Image.DecompressionBombError, before decoding anything, for more pixels than `max_image_pixels()`."""
+    limit = max_image_pixels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it in one line
+        image = Image.open(source)
+    with image:
+        if image.width * image.height > limit:
+            raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels, more than {limit:,} "
+                                               f"({MAX_PIXELS_VARIABLE})")
         image.load()  # PIL decodes lazily: force it here so a truncated file fails inside the caller's try
         return to_rgb(ImageOps.exif_transpose(image))
+
+
+def shrink(image: Image.Image, shorter_side: int) -> Image.Image:
+    """`image` scaled down (bicubic, aspect ratio kept) so that its shorter side is `shorter_side`; a smaller
+    image is returned as it is, never enlarged."""
+    width, height = image.size
+    if min(width, height) <= shorter_side:
+        return image
+    if width <= height:
+        size = (shorter_side, max(1, round(height * shorter_side / width)))
+    else:
+        size = (max(1, round(width * shorter_side / height)), shorter_side)
+    return image.resize(size, Image.Resampling.BICUBIC)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -90,9 +130,25 @@ def image_transform(
     return v2.Compose([v2.ToImage(), *resize, v2.ToDtype(torch.float32, scale=True), normalization(normalize)])
 
 
-def tensor_transform(normalize: str = "clip") -> v2.Compose:
+class TensorTransform:
+    """PIL RGB or (3, H, W) uint8 tensor -> normalised float tensor at its own size: v2's ToImage, ToDtype(scale=True)
+    and Normalize, bit for bit, without their per-call dispatch (most of their cost on a small image)."""
+
+    def __init__(self, normalize: str = "clip"):
+        mean, std = _statistics(normalize)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image) -> tv_tensors.Image:
+        pixels = functional.pil_to_tensor(image) if isinstance(image, Image.Image) else image.as_subclass(torch.Tensor)
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"TensorTransform expects 8-bit pixels, got {pixels.dtype}")
+        return pixels.to(torch.float32).mul_(1.0 / 255).sub_(self.mean).div_(self.std).as_subclass(tv_tensors.Image)
+
+
+def tensor_transform(normalize: str = "clip") -> TensorTransform:
     """PIL RGB -> normalised float tensor at its own size (for images rendered at the right size already)."""
-    return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), normalization(normalize)])
+    return TensorTransform(normalize)
 
 
 def denormalize(images: torch.Tensor, normalize: str = "clip") -> torch.Tensor:

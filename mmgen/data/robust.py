@@ -46,6 +46,8 @@ def load_sample(image_source, caption, transform: Callable, *, source: str, labe
         return BadSample(source, "empty caption")
     try:
         image = load_rgb(image_source)
+    except UserError:
+        raise  # a setting to fix (the pixel limit), not a bad file
     except Exception as error:  # noqa: BLE001 — any decoder failure on one file must not end a long run
         return BadSample(source, _failure_reason(error))
     item = {"image": transform(image), "caption": caption.strip()}
@@ -57,8 +59,10 @@ def load_sample(image_source, caption, transform: Callable, *, source: str, labe
 class ReplaceBadSamples(torch.utils.data.Dataset):
     """Map-style wrapper keeping batches full: a bad item is replaced by the next good one (index + 1, + 2 ...).
 
-    The replaced samples travel with the good item (`item["skipped"]`) so the collate still counts them; equal
-    batch sizes on every process are what the gathered contrastive loss needs."""
+    The drawn bad sample travels with its replacement (`item["skipped"]`, `item["replacement"]`) so the collate
+    still counts it, as one draw; the bad ones passed over on the way are not, as each is counted when its own index
+    is drawn: one pass over the data counts every bad row once. Equal batch sizes on every process are what the
+    gathered contrastive loss needs."""
 
     def __init__(self, dataset, max_tries: int = 32):
         self.dataset = dataset
@@ -72,7 +76,7 @@ class ReplaceBadSamples(torch.utils.data.Dataset):
         for offset in range(min(self.max_tries, len(self.dataset))):
             item = self.dataset[(index + offset) % len(self.dataset)]
             if isinstance(item, dict):
-                return {**item, "skipped": skipped} if skipped else item
+                return {**item, "skipped": skipped[:1], "replacement": True} if skipped else item  # see above
             skipped.append(str(item) if item is not None else "unknown sample (None)")
         raise UserError(f"{len(skipped)} consecutive samples are unreadable, e.g. {', '.join(skipped[:MAX_EXAMPLES])}")
 
@@ -101,7 +105,8 @@ def collate_captions(batch: list) -> dict:
     """Stack the usable items of a batch; BadSample / None items, and the ones replaced, are dropped and counted.
 
     Returns {"images": (B, 3, H, W) float, "captions": list[str], "labels": (B,) long (only when every item has
-    one), "skipped": int, "skipped_examples": list[str]}. B may be smaller than the batch, or 0."""
+    one), "skipped": int, "skipped_examples": list[str], "replacements": int (items standing in for a skipped
+    sample)}. B may be smaller than the batch, or 0."""
     batch = [item for entry in batch for item in (entry if isinstance(entry, list) else [entry])]  # GroupedItems
     items = [item for item in batch if isinstance(item, dict)]
     bad = [str(item) if item is not None else "unknown sample (None)" for item in batch if not isinstance(item, dict)]
@@ -111,6 +116,7 @@ def collate_captions(batch: list) -> dict:
         "captions": [item["caption"] for item in items],
         "skipped": len(bad),
         "skipped_examples": bad[:MAX_EXAMPLES],
+        "replacements": sum(bool(item.get("replacement")) for item in items),
     }
     if items and all("label" in item for item in items):
         collated["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
@@ -137,9 +143,9 @@ class BadSampleTracker:
         self.examples: list[str] = []
 
     def update(self, batch: dict) -> None:
-        """Add one collated batch's counts (its captions and its "skipped" / "skipped_examples")."""
+        """Add one collated batch's counts (its captions and its "skipped" / "skipped_examples" / "replacements")."""
         skipped = batch["skipped"]
-        self.seen += len(batch["captions"]) + skipped
+        self.seen += len(batch["captions"]) - batch.get("replacements", 0) + skipped  # samples drawn
         if not skipped:
             return
         first_warning = self.skipped == 0
