@@ -29,9 +29,10 @@ import torch
 from judge import load_or_train_judge, score
 
 from mmgen.data.shapes import COLOURS, POSITIONS, SHAPES, SIZES, caption, heldout_pairs, render
+from mmgen.diffusion.samplers import SAMPLERS
 from mmgen.errors import UserError
 from mmgen.io import atomic_write_text
-from mmgen.pipelines.text2img import SAMPLERS, TextToImagePipeline
+from mmgen.pipelines.text2img import TextToImagePipeline
 from mmgen.pipelines.unclip import UnCLIPPipeline
 
 REPOSITORY = Path(__file__).resolve().parents[1]

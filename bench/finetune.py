@@ -82,20 +82,19 @@ def training_step(kind: str, model, batch_size: int, device: str):
     captions = ["a large red circle in the center", "a small blue star at the top left"] * (batch_size // 2)
     batch = {"captions": captions, "skipped": 0, "skipped_examples": []}
     if kind == "clip":
-        from mmgen.recipes.clip import ContrastiveLoss
+        from mmgen.clip.objective import ContrastiveObjective
 
         size = model.config.vision.image_size
         batch.update(images=torch.randn(len(captions), 3, size, size, generator=generator).to(device),
                      tokens=tokenize_prompts(captions, model.config.text.context_length).to(device))
-        loss = ContrastiveLoss("infonce", 1.0)
+        loss = ContrastiveObjective("infonce")
         return lambda: loss(model, batch)[0]
-    from mmgen.data.robust import BadSampleTracker
-    from mmgen.recipes.diffusion import DenoisingLoss, DiffusionLossConfig
+    from mmgen.diffusion.objective import DenoisingLoss, DiffusionLossConfig
 
     size = model.config.image_size
     batch.update(images=torch.randn(len(captions), 3, size, size, generator=generator).to(device),
                  tokens=tokenize_prompts(captions, model.context_length).to(device))
-    loss = DenoisingLoss(model.schedule, DiffusionLossConfig(), model.context_length, BadSampleTracker(1.0), 0)
+    loss = DenoisingLoss(model, DiffusionLossConfig())
     return lambda: loss(model, batch)[0]
 
 

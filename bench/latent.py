@@ -12,7 +12,7 @@ bicubic round trip through a grid of the latents' height and width (3 values per
 latent_channels) is reported beside it; and the judge's (bench/judge.py) shape / colour / size / position accuracy
 on the reconstructions: the most prompt fidelity a latent diffusion model on this VAE can reach.
 
-(b) One training step as the recipes take it (mmgen.recipes.diffusion.DenoisingLoss: frozen-CLIP text encoding,
+(b) One training step as the recipes take it (mmgen.diffusion.objective.DenoisingLoss: frozen-CLIP text encoding,
 noising, UNet forward, loss, backward, AdamW step) on a batch of `--batch` 32x32 images, for
 - pixel: the TextToImage of configs/diffusion-shapes.yaml (its UNet on 3x32x32 pixels);
 - latent: the TextToImage of configs/ldm-shapes.yaml (its UNet on the VAE's 4x8x8 latents), encoding the images
@@ -40,12 +40,11 @@ from timing import interleaved_seconds
 from mmgen.clip import CLIP, CLIPConfig
 from mmgen.config import from_dict, load_yaml
 from mmgen.data.captions import build_caption_dataset
-from mmgen.data.robust import BadSampleTracker
 from mmgen.diffusion import NoiseSchedule, TextToImage, UNetConfig
 from mmgen.diffusion.text2img import tokenize_prompts
 from mmgen.diffusion.vae import VAE
 from mmgen.hub import load_as
-from mmgen.recipes.diffusion import DenoisingLoss, DiffusionLossConfig
+from mmgen.diffusion.objective import DenoisingLoss, DiffusionLossConfig
 from mmgen.recipes.vae import VAEModelSection, first_batches, psnr
 from mmgen.training import make_optimizer
 
@@ -149,17 +148,20 @@ def throughput(vae: VAE, batch: int, repeats: int, iterations: int, device: torc
     with torch.no_grad():
         cached = latent.encode_images(images)
 
-    def loss_for(model, encode):
-        return DenoisingLoss(model.schedule, DiffusionLossConfig(min_snr_gamma=5.0), model.context_length,
-                             BadSampleTracker(), seed=0, encode_images=encode)
+    class OnLatents(DenoisingLoss):  # the batch's "images" are the latents already
+        def clean_samples(self, images):
+            return images
+
+    def loss_for(model, loss_class=DenoisingLoss):
+        return loss_class(model, DiffusionLossConfig(min_snr_gamma=5.0))
 
     def batch_of(samples):
         return {"images": samples, "tokens": tokens, "captions": captions, "skipped": 0, "skipped_examples": []}
 
     steps = {
-        "pixel": training_step(pixel, loss_for(pixel, None), batch_of(images)),
-        "latent": training_step(latent, loss_for(latent, latent.encode_images), batch_of(images)),
-        "latent-cached": training_step(latent, loss_for(latent, None), batch_of(cached)),
+        "pixel": training_step(pixel, loss_for(pixel), batch_of(images)),
+        "latent": training_step(latent, loss_for(latent), batch_of(images)),
+        "latent-cached": training_step(latent, loss_for(latent, OnLatents), batch_of(cached)),
     }
     seconds = interleaved_seconds(steps, repeats, iterations, device)
     figures = {name: {"samples_per_s": batch / statistics.median(values),

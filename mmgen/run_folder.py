@@ -193,15 +193,17 @@ class RunFolder:
         _HELD_LOCKS[key] = descriptor
 
     def unlock(self) -> None:
-        """Release the lock taken by `lock()` (no-op when not held); a folder it created that is still empty (the
-        command failed before writing anything) is removed."""
+        """Release the lock taken by `lock()` (no-op when not held). A folder it created that holds nothing but its
+        config.yaml (the command failed before training began) is removed."""
         key = self.path.resolve()
         descriptor = _HELD_LOCKS.pop(key, None)
         if descriptor is not None:
             if key in _CREATED_BY_LOCK:
                 _CREATED_BY_LOCK.discard(key)
                 with contextlib.suppress(OSError):
-                    self.path.rmdir()  # only succeeds while empty
+                    if {child.name for child in self.path.iterdir()} <= {CONFIG_FILE}:
+                        self.config_file.unlink(missing_ok=True)
+                        self.path.rmdir()
             os.close(descriptor)
 
     def is_locked_here(self) -> bool:

@@ -101,6 +101,15 @@ class SkipBadSamplesInStream(torch.utils.data.IterableDataset):
                 skipped.append(str(item) if item is not None else "unknown sample (None)")
 
 
+def robust(dataset):
+    """`dataset` with bad samples replaced (map-style) or skipped (streams), and counted either way; None stays None."""
+    if dataset is None:
+        return None
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return SkipBadSamplesInStream(dataset)
+    return ReplaceBadSamples(dataset)
+
+
 def collate_captions(batch: list) -> dict:
     """Stack the usable items of a batch; BadSample / None items, and the ones replaced, are dropped and counted.
 

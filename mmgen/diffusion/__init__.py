@@ -1,27 +1,54 @@
-"""Diffusion: the noise schedule and loss, DDPM / DDIM samplers, guidance, the UNet, the VAE, the text-to-image model
-(pixels or latents) and the unCLIP prior and decoder."""
+"""Diffusion: the noise schedule and loss, the training objectives, DDPM / DDIM samplers and their config, guidance and
+the conditioning interface, the UNet, the VAE, the text-to-image model (pixels or latents) and the unCLIP prior and
+decoder."""
 
 from .decoder import DecoderCondition, DecoderConfig, UnCLIPDecoder
-from .guidance import Conditioned, classifier_free_guidance, clip_guidance, clip_score
+from .guidance import (
+    ConditionalModel,
+    Conditioned,
+    classifier_free_guidance,
+    clip_guidance,
+    clip_score,
+    guided_model_fn,
+)
 from .loss import diffusion_loss, min_snr_weights
+from .objective import DecoderLoss, DecoderLossConfig, DenoisingLoss, DiffusionLossConfig, PriorLoss
 from .prior import DiffusionPrior, PriorConfig, PriorTransformerConfig
-from .samplers import DDIMSampler, DDPMSampler, Sampler, dynamic_threshold, inference_timesteps, sample_loop
+from .samplers import (
+    SAMPLERS,
+    DDIMSampler,
+    DDPMSampler,
+    Sampler,
+    SamplerConfig,
+    dynamic_threshold,
+    inference_timesteps,
+    sample_loop,
+)
 from .schedule import NoiseSchedule, make_betas
-from .text2img import TextToImage, TextToImageConfig, tokenize_prompts
+from .text2img import PromptConditioned, TextToImage, TextToImageConfig, empty_prompt_tokens, tokenize_prompts
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
 
 __all__ = [
+    "SAMPLERS",
+    "ConditionalModel",
     "Conditioned",
     "DDIMSampler",
     "DDPMSampler",
     "DecoderCondition",
     "DecoderConfig",
+    "DecoderLoss",
+    "DecoderLossConfig",
+    "DenoisingLoss",
+    "DiffusionLossConfig",
     "DiffusionPrior",
     "NoiseSchedule",
     "PriorConfig",
+    "PriorLoss",
     "PriorTransformerConfig",
+    "PromptConditioned",
     "Sampler",
+    "SamplerConfig",
     "TextToImage",
     "TextToImageConfig",
     "UNet",
@@ -34,6 +61,8 @@ __all__ = [
     "clip_score",
     "diffusion_loss",
     "dynamic_threshold",
+    "empty_prompt_tokens",
+    "guided_model_fn",
     "inference_timesteps",
     "make_betas",
     "min_snr_weights",

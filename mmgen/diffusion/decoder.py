@@ -4,7 +4,7 @@ The image embedding enters the UNet twice, as in the paper: added to the timeste
 input) and projected into `embedding_tokens` extra context tokens that cross-attention reads, after the CLIP
 text token states when `text_conditioning` is on. Classifier-free guidance: training sets the image embedding to
 zero and replaces the caption by the empty prompt, each some fraction of the time; the unconditional input at
-sampling is that same zero embedding and empty prompt.
+sampling is that same zero embedding and empty prompt (both defined once, by `null_inputs`).
 
 This is not TextToImage with a switch: the condition is another object (an embedding, optionally with text), its
 null is another one, and the pipelines feed it embeddings rather than prompts, so a flag would fork every method.
@@ -23,10 +23,11 @@ from torch.nn import functional as F
 
 from ..clip.frozen import FrozenCLIPMixin
 from ..clip.model import CLIP, CLIPConfig, TextEncoding
-from ..data.images import clip_input
+from ..clip.preprocess import clip_input
 from ..hub import PretrainedMixin
+from .guidance import ConditionalModel
 from .schedule import NoiseSchedule
-from .text2img import tokenize_prompts
+from .text2img import empty_prompt_tokens
 from .unet import UNet, UNetConfig
 
 
@@ -72,8 +73,8 @@ class DecoderCondition(NamedTuple):
     text: TextEncoding | None
 
 
-class UnCLIPDecoder(FrozenCLIPMixin, nn.Module, PretrainedMixin):
-    """forward(x_t, t, image_embedding, tokens) -> the UNet's prediction; `condition` + `denoise` split it for
+class UnCLIPDecoder(FrozenCLIPMixin, ConditionalModel, nn.Module, PretrainedMixin):
+    """forward(x_t, t, image_embedding, tokens) -> the UNet's prediction; `encode_condition` + `denoise` split it for
     sampling."""
 
     model_type = "decoder"
@@ -106,7 +107,7 @@ class UnCLIPDecoder(FrozenCLIPMixin, nn.Module, PretrainedMixin):
         """Unit-length CLIP embeddings (batch, embed_dim) of images (batch, 3, H, W) in [-1, 1], of any size."""
         return self.clip.encode_image(clip_input(images, self.config.clip.vision.image_size))
 
-    def condition(self, image_embedding: torch.Tensor, tokens: torch.Tensor | None = None) -> DecoderCondition:
+    def encode_condition(self, image_embedding: torch.Tensor, tokens: torch.Tensor | None = None) -> DecoderCondition:
         """The condition for image embeddings (batch, embed_dim) and, with text conditioning, CLIP tokens (default:
         the empty prompt)."""
         if not self.config.text_conditioning:
@@ -114,12 +115,16 @@ class UnCLIPDecoder(FrozenCLIPMixin, nn.Module, PretrainedMixin):
                 raise ValueError("this decoder has no text conditioning; it takes no tokens")
             return DecoderCondition(image_embedding, None)
         if tokens is None:
-            tokens = tokenize_prompts([""] * len(image_embedding), self.context_length).to(image_embedding.device)
+            tokens = empty_prompt_tokens(len(image_embedding), self.context_length).to(image_embedding.device)
         return DecoderCondition(image_embedding, self.encode_text(tokens))
 
-    def unconditional(self, batch: int, device: str | torch.device = "cpu") -> DecoderCondition:
-        """The guidance null for `batch` images: zero image embeddings (and the empty prompt)."""
-        return self.condition(torch.zeros(batch, self.embed_dim, device=device))
+    def null_inputs(self, batch_size: int, device: str | torch.device = "cpu") -> tuple:
+        """The guidance null for `batch_size` images: zero image embeddings (batch_size, embed_dim) and, with text
+        conditioning, the empty prompt's tokens (else None)."""
+        tokens = None
+        if self.config.text_conditioning:
+            tokens = empty_prompt_tokens(batch_size, self.context_length).to(device)
+        return torch.zeros(batch_size, self.embed_dim, device=device), tokens
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: DecoderCondition) -> torch.Tensor:
         """The UNet's prediction (epsilon, x0 or v per the schedule) for x_t at timesteps t given the condition."""
@@ -139,4 +144,4 @@ class UnCLIPDecoder(FrozenCLIPMixin, nn.Module, PretrainedMixin):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, image_embedding: torch.Tensor,
                 tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Training entry point: encode `tokens` (with text conditioning) with the frozen CLIP, then denoise."""
-        return self.denoise(x_t, t, self.condition(image_embedding, tokens))
+        return self.denoise(x_t, t, self.encode_condition(image_embedding, tokens))

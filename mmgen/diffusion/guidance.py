@@ -1,4 +1,5 @@
-"""Guidance as wrappers around a model_fn(x_t, t): classifier-free guidance and CLIP guidance (GLIDE, Nichol et al. 2022).
+"""Guidance as wrappers around a model_fn(x_t, t): classifier-free guidance and CLIP guidance (GLIDE, Nichol et al.
+2022), and the conditioning interface that defines, once per model, the null condition classifier-free guidance needs.
 
 Samplers never see a network: they get a model_fn, and a guided model_fn is just another one.
 """
@@ -9,11 +10,45 @@ from typing import Any, Callable
 
 import torch
 
-from ..data.images import clip_input
+from ..clip.preprocess import clip_input
 from .samplers import ModelFn
 from .schedule import NoiseSchedule
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # x0 estimate (batch, C, H, W) in [-1, 1] -> score (batch,)
+
+
+class ConditionalModel:
+    """The conditioning interface of the conditioned diffusion models (TextToImage, DiffusionPrior, UnCLIPDecoder).
+
+    Such a model is called as forward(x_t, t, *inputs) on raw condition inputs (CLIP tokens; for the decoder, image
+    embeddings and tokens); `encode_condition(*inputs)` turns them into the condition `denoise(x_t, t, condition)`
+    reads. `null_inputs` is the one definition of the unconditional input: classifier-free guidance's null condition
+    is its encoding, and training's condition dropout substitutes its rows, so both use the very same input.
+    A subclass defines `encode_condition`, `null_inputs` and `denoise`.
+    """
+
+    def encode_condition(self, *inputs) -> Any:
+        """The condition `denoise` reads, from the model's raw condition inputs (batch first)."""
+        raise NotImplementedError
+
+    def null_inputs(self, batch_size: int, device: str | torch.device = "cpu") -> tuple:
+        """The raw inputs of the unconditional model for `batch_size` samples (None for an input the model lacks)."""
+        raise NotImplementedError
+
+    def null_condition(self, batch_size: int, device: str | torch.device = "cpu") -> Any:
+        """Classifier-free guidance's unconditional condition for `batch_size` samples: the encoded null inputs."""
+        return self.encode_condition(*self.null_inputs(batch_size, device))
+
+    def drop_condition(self, inputs: tuple, masks: tuple) -> tuple:
+        """Training's condition dropout: in each input, the rows where its mask (batch,) is True are replaced by the
+        null input's (torch.where); an input with a None mask, or None itself, is kept."""
+        dropped = []
+        for value, mask, null in zip(inputs, masks, self.null_inputs(1), strict=True):
+            if value is not None and mask is not None:
+                null = null.to(device=value.device, dtype=value.dtype)  # (1, ...)
+                value = torch.where(mask.view(-1, *[1] * (value.ndim - 1)), null, value)
+            dropped.append(value)
+        return tuple(dropped)
 
 
 class Conditioned:
@@ -87,6 +122,16 @@ def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, g
         return output
 
     return guided
+
+
+def guided_model_fn(model: ConditionalModel, inputs: tuple, guidance_scale: float, **options) -> ModelFn:
+    """model_fn(x_t, t) of `model` conditioned on its raw `inputs`, with classifier-free guidance against its null
+    condition unless guidance_scale is 1; `options` (interval, rescale) are classifier_free_guidance's."""
+    model_fn = Conditioned(model.denoise, model.encode_condition(*inputs))
+    if guidance_scale == 1:
+        return model_fn
+    null = Conditioned(model.denoise, model.null_condition(len(inputs[0]), inputs[0].device))
+    return classifier_free_guidance(model_fn, null, guidance_scale, **options)
 
 
 def clip_guidance(model_fn: ModelFn, schedule: NoiseSchedule, score_fn: ScoreFn, guidance_scale: float) -> ModelFn:

@@ -14,8 +14,9 @@ giving unit variance per component like the [-1, 1] pixels of the image models; 
 embedding by normalising it to unit length (`to_image_embedding`).
 
 Classifier-free guidance uses the empty prompt (CLIP's start + end of text) as the unconditional input, exactly
-as TextToImage does; training replaces a fraction of the captions with it. The whole frozen CLIP is part of the
-module (saved in the same folder), so a prior folder is self-contained and also gives the true image embeddings.
+as TextToImage does (the same `PromptConditioned` interface); training replaces a fraction of the captions with it.
+The whole frozen CLIP is part of the module (saved in the same folder), so a prior folder is self-contained and also
+gives the true image embeddings.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..hub import PretrainedMixin
 from ..nn import LearnedPositions, TimestepEmbedding, Transformer
 from .schedule import NoiseSchedule
+from .text2img import PromptConditioned
 
 # positions after the text tokens: text embedding, timestep, noised image embedding, query
 EXTRA_POSITIONS = 4
@@ -70,7 +72,7 @@ class PriorConfig:
     clip: CLIPConfig = field(default_factory=CLIPConfig)
 
 
-class DiffusionPrior(FrozenCLIPMixin, nn.Module, PretrainedMixin):
+class DiffusionPrior(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin):
     """forward(x_t, t, tokens) -> the prediction for noised, scaled image embeddings x_t (batch, embed_dim)."""
 
     model_type = "prior"
@@ -148,4 +150,4 @@ class DiffusionPrior(FrozenCLIPMixin, nn.Module, PretrainedMixin):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Training entry point: encode `tokens` with the frozen CLIP, then denoise."""
-        return self.denoise(x_t, t, self.encode_text(tokens))
+        return self.denoise(x_t, t, self.encode_condition(tokens))

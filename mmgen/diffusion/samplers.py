@@ -1,4 +1,5 @@
-"""Reverse-process samplers (ancestral DDPM, DDIM) and a sampling loop; they work with any network's output.
+"""Reverse-process samplers (ancestral DDPM, DDIM), the sampler as a configuration (`SamplerConfig`, built through the
+`SAMPLERS` registry of kinds) and a sampling loop; they work with any network's output.
 
 Each sampler follows diffusers' DDPMScheduler / DDIMScheduler step for step (the tests check it), except for
 two diffusers quirks that are deliberately not copied:
@@ -10,15 +11,18 @@ two diffusers quirks that are deliberately not copied:
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from dataclasses import dataclass, replace
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .schedule import NoiseSchedule
 
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
+SPACINGS = ("leading", "trailing", "linspace")
 
 
 def inference_timesteps(
@@ -59,6 +63,8 @@ def dynamic_threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch
 class Sampler:
     """What DDPM and DDIM share: the inference timesteps, each one's predecessor and the clipped x0 prediction."""
 
+    takes_eta: ClassVar[bool] = False  # whether SamplerConfig.eta (stochasticity) means something to this kind
+
     def __init__(
         self,
         schedule: NoiseSchedule,
@@ -79,7 +85,7 @@ class Sampler:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
         if sample_max_value < 1:
             raise ValueError(f"sample_max_value must be at least 1, got {sample_max_value}")
-        if timestep_spacing not in ("leading", "trailing", "linspace"):
+        if timestep_spacing not in SPACINGS:
             raise ValueError(f"unknown timestep_spacing {timestep_spacing!r} (expected leading, trailing or linspace)")
         if steps_offset < 0:
             raise ValueError(f"steps_offset must not be negative, got {steps_offset}")
@@ -168,6 +174,8 @@ class DDPMSampler(Sampler):
 class DDIMSampler(Sampler):
     """DDIM (Song et al. 2021): deterministic for eta = 0, as stochastic as DDPM's fixed_small for eta = 1."""
 
+    takes_eta = True
+
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, set_alpha_to_one: bool = True, **options):
         super().__init__(schedule, **options)
         if eta < 0:
@@ -193,6 +201,60 @@ class DDIMSampler(Sampler):
         return x_prev
 
 
+# the sampler kinds SamplerConfig.kind names; a new sampler is a Sampler subclass and an entry here
+SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "ddpm": DDPMSampler}
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """A sampler as a configuration: `build(schedule)` makes the Sampler of kind `kind` for a model's schedule, its
+    `steps` timesteps set. Every pipeline samples through one, so kinds, steps and eta are checked in one place.
+
+    "trailing" spacing starts at the last training timestep (pure noise) however few the steps; x0 estimates are
+    clipped to clip_sample_range, by default the model's sample range ([-1, 1] for pixels, wider for VAE latents).
+    """
+
+    kind: str = "ddim"
+    steps: int = 50
+    spacing: TimestepSpacing = "trailing"
+    eta: float = 0.0  # the stochasticity of the kinds that take it (DDIM; 0: deterministic)
+    clip_sample: bool = True
+    clip_sample_range: float | None = None  # None: `sample_range` given to build
+
+    def override(self, **changes) -> "SamplerConfig":
+        """A copy with the fields of `changes` that are not None (a pipeline's call options over its config)."""
+        return replace(self, **{name: value for name, value in changes.items() if value is not None})
+
+    def check(self, num_train_timesteps: int, label: str = "") -> None:
+        """One UserError line for options a model with `num_train_timesteps` cannot take (`label` prefixes the
+        steps' name: "prior ")."""
+        if self.kind not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.kind!r} (choose from {', '.join(SAMPLERS)})")
+        if not 1 <= self.steps <= num_train_timesteps:
+            raise UserError(f"{label}steps must lie between 1 and the model's {num_train_timesteps} training "
+                            f"timesteps, got {self.steps}")
+        if self.eta < 0 or (self.eta and not SAMPLERS[self.kind].takes_eta):
+            takers = " or ".join(kind.upper() for kind, sampler in SAMPLERS.items() if sampler.takes_eta)
+            raise UserError(f"eta must be >= 0 and is a {takers} option, got {self.eta} with {self.kind}")
+        if self.spacing not in SPACINGS:
+            raise UserError(f"unknown timestep spacing {self.spacing!r} (choose from {', '.join(SPACINGS)})")
+        if self.clip_sample_range is not None and self.clip_sample_range <= 0:
+            raise UserError(f"clip_sample_range must be positive, got {self.clip_sample_range}")
+
+    def build(self, schedule: NoiseSchedule, sample_range: float = 1.0, label: str = "") -> Sampler:
+        """The checked sampler for `schedule`, with its timesteps set; x0 is clipped to clip_sample_range, else to
+        `sample_range`."""
+        self.check(schedule.num_train_timesteps, label)
+        options = dict(clip_sample=self.clip_sample, timestep_spacing=self.spacing)
+        if self.clip_sample:
+            options["clip_sample_range"] = sample_range if self.clip_sample_range is None else self.clip_sample_range
+        if SAMPLERS[self.kind].takes_eta:
+            options["eta"] = self.eta
+        sampler = SAMPLERS[self.kind](schedule, **options)
+        sampler.set_timesteps(self.steps)
+        return sampler
+
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -202,7 +264,7 @@ def sample_loop(
     sampler: Sampler,
     shape: tuple[int, ...],
     *,
-    num_inference_steps: int,
+    num_inference_steps: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = True,
     x_T: torch.Tensor | None = None,
@@ -211,8 +273,12 @@ def sample_loop(
     """Denoise x_T (standard normal noise of `shape` when not given) and return the sample.
 
     model_fn(x_t, t) gets t as an int64 tensor (batch,) on x_t's device and returns the network's output.
+    num_inference_steps None: the timesteps the sampler has (a SamplerConfig's build sets them).
     """
-    sampler.set_timesteps(num_inference_steps)
+    if num_inference_steps is not None:
+        sampler.set_timesteps(num_inference_steps)
+    elif sampler.timesteps is None:
+        raise ValueError("give num_inference_steps, or a sampler whose set_timesteps was called")
     if x_T is None:
         x = standard_normal(shape, generator, device)
     elif tuple(x_T.shape) != tuple(shape):

@@ -2,8 +2,8 @@
 
 The CLIP's token states are the UNet's cross-attention context (with their padding mask) and its pooled, unit-length
 text embedding is added to the timestep embedding. The empty prompt, used for classifier-free guidance, is CLIP's
-encoding of start-of-text + end-of-text: no learned null embedding, so training (caption dropout) and sampling
-use the very same unconditional input.
+encoding of start-of-text + end-of-text: no learned null embedding, and `PromptConditioned.null_inputs` defines it
+once, so training (caption dropout) and sampling use the very same unconditional input.
 
 The whole CLIP (vision tower included, so CLIP guidance works with no other model) is part of the module: its
 weights are saved in the same model.safetensors as the UNet's and its config in config.json, so a text2img
@@ -25,6 +25,7 @@ from ..clip.frozen import FrozenCLIPMixin
 from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.tokenizer import CLIPTokenizer
 from ..hub import PretrainedMixin
+from .guidance import ConditionalModel
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -95,11 +96,29 @@ def tokenize_prompts(prompts: list[str], context_length: int) -> torch.Tensor:
     return tokens
 
 
+def empty_prompt_tokens(batch_size: int, context_length: int) -> torch.Tensor:
+    """The empty prompt's CLIP tokens (batch_size, context_length): the null text input of every conditioned model."""
+    return tokenize_prompts([""] * batch_size, context_length)
+
+
+class PromptConditioned(ConditionalModel):
+    """The conditioning of a model on a prompt alone (TextToImage, DiffusionPrior; with FrozenCLIPMixin): the input
+    is CLIP tokens, the condition their frozen-CLIP TextEncoding, the null input the empty prompt."""
+
+    def encode_condition(self, tokens: torch.Tensor) -> TextEncoding:
+        """The frozen CLIP's encoding of tokens (batch, context_length)."""
+        return self.encode_text(tokens)
+
+    def null_inputs(self, batch_size: int, device: str | torch.device = "cpu") -> tuple[torch.Tensor]:
+        """The empty prompt's tokens (batch_size, context_length)."""
+        return (empty_prompt_tokens(batch_size, self.context_length).to(device),)
+
+
 LATENT_SAMPLE_RANGE = 4.0
 
 
-class TextToImage(FrozenCLIPMixin, nn.Module, PretrainedMixin):
-    """forward(x_t, t, tokens) -> the UNet's prediction; `encode_text` + `denoise` split it for sampling.
+class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin):
+    """forward(x_t, t, tokens) -> the UNet's prediction; `encode_condition` + `denoise` split it for sampling.
 
     x_t lives in sample space: pixels, or a frozen VAE's latents (`encode_images` / `decode_samples` convert).
     """
@@ -163,4 +182,4 @@ class TextToImage(FrozenCLIPMixin, nn.Module, PretrainedMixin):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Training entry point: encode `tokens` with the frozen CLIP, then denoise."""
-        return self.denoise(x_t, t, self.encode_text(tokens))
+        return self.denoise(x_t, t, self.encode_condition(tokens))

@@ -14,36 +14,25 @@ from PIL import Image
 
 from ..data.images import image_transform, to_pil_images
 from ..diffusion.decoder import UnCLIPDecoder
-from ..diffusion.guidance import Conditioned, classifier_free_guidance
+from ..diffusion.guidance import guided_model_fn
 from ..diffusion.prior import DiffusionPrior
-from ..diffusion.samplers import DDIMSampler, DDPMSampler, sample_loop
-from ..diffusion.schedule import NoiseSchedule
+from ..diffusion.samplers import Sampler, SamplerConfig, sample_loop
 from ..diffusion.text2img import tokenize_prompts
 from ..errors import UserError
 from ..hub import load_as
-from .text2img import SAMPLERS
+
+# no clipping for the prior: scaled embeddings are not confined to [-1, 1] like pixels
+PRIOR_SAMPLER = SamplerConfig(steps=64, clip_sample=False)
 
 
-def _check_sampling(schedule: NoiseSchedule, sampler: str, steps: int, guidance_scale: float, eta: float,
-                    stage: str = "") -> None:
-    """One UserError line for sampler options a model cannot take (`stage` prefixes the option names)."""
-    timesteps = schedule.num_train_timesteps
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    if not 1 <= steps <= timesteps:
-        raise UserError(f"{stage}steps must lie between 1 and the model's {timesteps} training timesteps, got {steps}")
+def _sampler_for(model: DiffusionPrior | UnCLIPDecoder, config: SamplerConfig, guidance_scale: float,
+                 stage: str = "") -> Sampler:
+    """The model's sampler of `config`, after one UserError line for options it cannot take (`stage` prefixes the
+    option names)."""
+    sampler = config.build(model.schedule, label=stage)
     if guidance_scale < 0:
         raise UserError(f"{stage}guidance scale must be >= 0, got {guidance_scale}")
-    if eta < 0 or (eta and sampler != "ddim"):
-        raise UserError(f"eta must be >= 0 and is a DDIM option, got {eta} with {sampler}")
-
-
-def _sampler(schedule: NoiseSchedule, sampler: str, eta: float, clip_sample: bool):
-    # "trailing" spacing starts at the last training timestep (pure noise) however few the steps
-    options = dict(clip_sample=clip_sample, timestep_spacing="trailing")
-    if sampler == "ddim":
-        return DDIMSampler(schedule, eta=eta, **options)
-    return DDPMSampler(schedule, **options)
+    return sampler
 
 
 def _prompt_list(prompts: str | list[str]) -> list[str]:
@@ -64,10 +53,12 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 class PriorPipeline:
-    """Samples unit-length CLIP image embeddings for prompts from a DiffusionPrior, with classifier-free guidance."""
+    """Samples unit-length CLIP image embeddings for prompts from a DiffusionPrior, with classifier-free guidance and
+    `sampler` (default: DDIM, 64 steps, trailing spacing, no clipping)."""
 
-    def __init__(self, prior: DiffusionPrior):
+    def __init__(self, prior: DiffusionPrior, sampler: SamplerConfig | None = None):
         self.prior = prior
+        self.sampler = sampler if sampler is not None else PRIOR_SAMPLER
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "PriorPipeline":
@@ -75,31 +66,31 @@ class PriorPipeline:
         return cls(load_as(checkpoint, DiffusionPrior, map_location=device))
 
     @torch.no_grad()
-    def __call__(self, prompts: str | list[str], *, sampler: str = "ddim", steps: int = 64,
-                 guidance_scale: float = 2.0, eta: float = 0.0, seed: int = 0,
+    def __call__(self, prompts: str | list[str], *, sampler: str | None = None, steps: int | None = None,
+                 guidance_scale: float = 2.0, eta: float | None = None, seed: int = 0,
                  progress: bool = True) -> torch.Tensor:
-        """Image embeddings (len(prompts), embed_dim), one per prompt; the same seed gives the same embeddings."""
+        """Image embeddings (len(prompts), embed_dim), one per prompt; the same seed gives the same embeddings.
+
+        `sampler` (a kind), `steps` and `eta` override the pipeline's sampler config when given."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         prior = self.prior
-        _check_sampling(prior.schedule, sampler, steps, guidance_scale, eta, "prior ")
+        chosen = _sampler_for(prior, self.sampler.override(kind=sampler, steps=steps, eta=eta), guidance_scale,
+                              "prior ")
         device = _device(prior)
-        text = prior.encode_text(tokenize_prompts(prompts, prior.context_length).to(device))
-        model_fn = Conditioned(prior.denoise, text)
-        if guidance_scale != 1:
-            empty = prior.encode_text(tokenize_prompts([""] * len(prompts), prior.context_length).to(device))
-            model_fn = classifier_free_guidance(model_fn, Conditioned(prior.denoise, empty), guidance_scale)
-        # no clipping: scaled embeddings are not confined to [-1, 1] like pixels
-        chosen = _sampler(prior.schedule, sampler, eta, clip_sample=False)
-        samples = sample_loop(model_fn, chosen, (len(prompts), prior.embed_dim), num_inference_steps=steps,
-                              progress=progress, device=device, generator=torch.Generator().manual_seed(seed))
+        tokens = tokenize_prompts(prompts, prior.context_length).to(device)
+        samples = sample_loop(guided_model_fn(prior, (tokens,), guidance_scale), chosen,
+                              (len(prompts), prior.embed_dim), progress=progress, device=device,
+                              generator=torch.Generator().manual_seed(seed))
         return prior.to_image_embedding(samples)
 
 
 class DecoderPipeline:
-    """Samples images from CLIP image embeddings (and prompts, for a text-conditioned decoder) with a decoder."""
+    """Samples images from CLIP image embeddings (and prompts, for a text-conditioned decoder) with a decoder and
+    `sampler` (default: DDIM, 50 steps, trailing spacing, x0 clipped to [-1, 1])."""
 
-    def __init__(self, decoder: UnCLIPDecoder):
+    def __init__(self, decoder: UnCLIPDecoder, sampler: SamplerConfig | None = None):
         self.decoder = decoder
+        self.sampler = sampler if sampler is not None else SamplerConfig()
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "DecoderPipeline":
@@ -107,13 +98,14 @@ class DecoderPipeline:
         return cls(load_as(checkpoint, UnCLIPDecoder, map_location=device))
 
     @torch.no_grad()
-    def __call__(self, image_embeddings: torch.Tensor, prompts: list[str] | None = None, *, sampler: str = "ddim",
-                 steps: int = 50, guidance_scale: float = 3.0, eta: float = 0.0, seed: int = 0,
-                 progress: bool = True) -> list[Image.Image]:
+    def __call__(self, image_embeddings: torch.Tensor, prompts: list[str] | None = None, *,
+                 sampler: str | None = None, steps: int | None = None, guidance_scale: float = 3.0,
+                 eta: float | None = None, seed: int = 0, progress: bool = True) -> list[Image.Image]:
         """One image per embedding (batch, embed_dim); `prompts` (one per embedding) are used only by a decoder with
-        text conditioning (default: the empty prompt)."""
+        text conditioning (default: the empty prompt). `sampler` (a kind), `steps` and `eta` override the
+        pipeline's sampler config when given."""
         decoder, config = self.decoder, self.decoder.config
-        _check_sampling(decoder.schedule, sampler, steps, guidance_scale, eta)
+        chosen = _sampler_for(decoder, self.sampler.override(kind=sampler, steps=steps, eta=eta), guidance_scale)
         if image_embeddings.ndim != 2 or image_embeddings.shape[1] != decoder.embed_dim:
             raise UserError(f"the decoder reads CLIP image embeddings of width {decoder.embed_dim}, "
                             f"got shape {tuple(image_embeddings.shape)}")
@@ -124,13 +116,9 @@ class DecoderPipeline:
         tokens = None
         if prompts is not None and config.text_conditioning:
             tokens = tokenize_prompts(prompts, decoder.context_length).to(device)
-        model_fn = Conditioned(decoder.denoise, decoder.condition(image_embeddings, tokens))
-        if guidance_scale != 1:
-            null = Conditioned(decoder.denoise, decoder.unconditional(len(image_embeddings), device))
-            model_fn = classifier_free_guidance(model_fn, null, guidance_scale)
+        model_fn = guided_model_fn(decoder, (image_embeddings, tokens), guidance_scale)
         shape = (len(image_embeddings), config.channels, config.image_size, config.image_size)
-        images = sample_loop(model_fn, _sampler(decoder.schedule, sampler, eta, clip_sample=True), shape,
-                             num_inference_steps=steps, progress=progress, device=device,
+        images = sample_loop(model_fn, chosen, shape, progress=progress, device=device,
                              generator=torch.Generator().manual_seed(seed))
         return to_pil_images(images, "minus_one_to_one")
 
@@ -155,17 +143,19 @@ class DecoderPipeline:
 
 
 class UnCLIPPipeline:
-    """Text -> images through a prior and a decoder trained on the same CLIP (DALL·E 2's two stages)."""
+    """Text -> images through a prior and a decoder trained on the same CLIP (DALL·E 2's two stages), each with its
+    sampler config (default: PriorPipeline's and DecoderPipeline's)."""
 
-    def __init__(self, prior: DiffusionPrior, decoder: UnCLIPDecoder):
+    def __init__(self, prior: DiffusionPrior, decoder: UnCLIPDecoder, prior_sampler: SamplerConfig | None = None,
+                 sampler: SamplerConfig | None = None):
         if prior.embed_dim != decoder.embed_dim:
             raise UserError(f"the prior makes CLIP image embeddings of width {prior.embed_dim}, the decoder reads "
                             f"width {decoder.embed_dim}: train both on the same CLIP")
         if not _same_weights(prior.clip, decoder.clip):
             warnings.warn("the prior and the decoder were trained on different CLIPs: the images may not follow "
                           "the prompts", stacklevel=2)
-        self.prior = PriorPipeline(prior)
-        self.decoder = DecoderPipeline(decoder)
+        self.prior = PriorPipeline(prior, prior_sampler)
+        self.decoder = DecoderPipeline(decoder, sampler)
 
     @classmethod
     def from_pretrained(cls, prior: str | Path, decoder: str | Path,
@@ -175,18 +165,20 @@ class UnCLIPPipeline:
                    load_as(decoder, UnCLIPDecoder, map_location=device))
 
     @torch.no_grad()
-    def __call__(self, prompts: str | list[str], *, num_images_per_prompt: int = 1, sampler: str = "ddim",
-                 steps: int = 50, guidance_scale: float = 3.0, prior_steps: int = 64,
-                 prior_guidance_scale: float = 2.0, eta: float = 0.0, seed: int = 0,
+    def __call__(self, prompts: str | list[str], *, num_images_per_prompt: int = 1, sampler: str | None = None,
+                 steps: int | None = None, guidance_scale: float = 3.0, prior_steps: int | None = None,
+                 prior_guidance_scale: float = 2.0, eta: float | None = None, seed: int = 0,
                  progress: bool = True) -> list[Image.Image]:
         """num_images_per_prompt images per prompt, prompt-major; each image has its own prior sample.
 
-        `sampler`, `steps`, `guidance_scale` and `eta` are the decoder's; the prior samples with DDIM (eta 0).
+        `sampler`, `steps`, `guidance_scale` and `eta` are the decoder's, `prior_steps` the prior's (each overriding
+        its sampler config); the prior samples with its config's kind (DDIM, eta 0 by default).
         An empty prompt samples unconditionally (with a warning)."""
         prompts = _prompt_list(prompts)
         if num_images_per_prompt < 1:
             raise UserError(f"the number of images per prompt must be >= 1, got {num_images_per_prompt}")
-        _check_sampling(self.decoder.decoder.schedule, sampler, steps, guidance_scale, eta)
+        decoder = self.decoder  # its options are checked before the prior samples
+        _sampler_for(decoder.decoder, decoder.sampler.override(kind=sampler, steps=steps, eta=eta), guidance_scale)
         batch = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
         embeddings = self.prior(batch, steps=prior_steps, guidance_scale=prior_guidance_scale, seed=seed,
                                 progress=progress)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..clip.loss import ClipLoss, SigLipLoss
 from ..clip.model import CLIP, CLIPConfig
+from ..clip.objective import ContrastiveObjective
 from ..clip.retrieval import recall_at_k
 from ..clip.tokenizer import CLIPTokenizer
 from ..clip.zeroshot import topk_accuracy, zero_shot_classifier
@@ -18,11 +17,11 @@ from ..data import shapes
 from ..data.cache import InMemoryCaptions
 from ..data.captions import build_caption_dataset
 from ..data.groups import GroupedItems
-from ..data.robust import BadSampleTracker, collate_captions
+from ..data.robust import collate_captions, robust
 from ..errors import ConfigError
-from ..training import TrainConfig, Trainer
+from ..training import TrainConfig
 from ..training.trainer import process_state
-from .common import caption_datasets, open_run, robust, write_run_config
+from .common import RecipeRun, caption_datasets
 
 EVAL_SEED = 0  # the shapes images of zero-shot evaluation (seed of the val split), independent of train.seed
 
@@ -80,23 +79,6 @@ class TokenizingCollate:
         batch = collate_captions(items)
         batch["tokens"] = self.tokenizer(batch["captions"]) if batch["captions"] else torch.zeros(0, 1, dtype=torch.long)
         return batch
-
-
-class ContrastiveLoss:
-    """loss_fn: InfoNCE or SigLIP on a batch's image and text features; training batches' bad samples are counted."""
-
-    def __init__(self, loss: str, max_bad_fraction: float):
-        self.criterion = ClipLoss() if loss == "infonce" else SigLipLoss()
-        self.tracker = BadSampleTracker(max_bad_fraction)
-
-    def __call__(self, model, batch: dict):
-        if model.training:
-            self.tracker.update(batch)
-        output = model(batch["images"], batch["tokens"])
-        metrics = {"train/logit_scale": output.logit_scale}
-        if self.tracker.skipped:
-            metrics["data/skipped_total"] = self.tracker.skipped
-        return self.criterion(*output), metrics
 
 
 def build_datasets(recipe: CLIPRecipe, rank: int = 0, world_size: int = 1, progress: bool = True):
@@ -195,28 +177,13 @@ def batched(encode, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> CLIP:
     """Train CLIP as `mmgen train clip` does; returns the model."""
-    from accelerate.utils import set_seed
+    run = RecipeRun(CLIPRecipe, config_path, overrides, run_dir, resume)
+    recipe = run.recipe
+    train_set, val_set = build_datasets(recipe, run.state.process_index, run.state.num_processes, run.progress)
+    evaluation = HeldOutEvaluation(recipe) if run.state.is_main_process else None
 
-    run_dir = Path(run_dir)
-    recipe, state = open_run(CLIPRecipe, config_path, overrides, run_dir, resume)
-    progress = recipe.train.progress and state.is_main_process
-    train_set, val_set = build_datasets(recipe, state.process_index, state.num_processes, progress)
-    evaluation = HeldOutEvaluation(recipe) if state.is_main_process else None
-    if state.is_main_process:
-        write_run_config(run_dir, recipe)
-    state.wait_for_everyone()
-
-    set_seed(recipe.train.seed)
-    model = CLIP(recipe.model)
-    state.print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.loss} loss")
-    trainer = Trainer(
-        model,
-        recipe.train,
-        run_dir,
-        loss_fn=ContrastiveLoss(recipe.loss, recipe.data.max_bad_fraction),
-        train_dataset=train_set,
-        val_dataset=val_set,
-        collate_fn=TokenizingCollate(recipe.model.text.context_length),
-        evaluate_fn=evaluation if evaluation is not None else (lambda model, step: {}),
-    )
-    return trainer.fit(resume=resume)
+    model = run.build_model(lambda: CLIP(recipe.model))
+    run.state.print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.loss} loss")
+    return run.fit(model, loss_fn=ContrastiveObjective(recipe.loss), train_dataset=train_set, val_dataset=val_set,
+                   collate_fn=TokenizingCollate(recipe.model.text.context_length), evaluate_fn=evaluation,
+                   max_bad_fraction=recipe.data.max_bad_fraction)

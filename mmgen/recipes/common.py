@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -66,6 +67,68 @@ def claim_run(run_dir: Path, resume: bool, state) -> None:
         raise UserError(error)
 
 
+class RecipeRun:
+    """One training run of a recipe, the part every recipe's train() shares: the validated config (the run's own
+    config.yaml when resuming), the run folder checked and locked, the seeded model, the Trainer.
+
+    A recipe reads top to bottom: `run = RecipeRun(...)`, its data, `model = run.build_model(...)`, its objective,
+    `return run.fit(model, loss_fn=..., ...)`."""
+
+    def __init__(self, schema: type, config_path, overrides, run_dir, resume: bool):
+        self.folder = RunFolder(run_dir)
+        self.resume = resume
+        self.recipe, self.state = open_run(schema, config_path, overrides, self.folder.path, resume)
+
+    @classmethod
+    def claimed(cls, recipe, state, run_dir, resume: bool) -> "RecipeRun":
+        """The run of a recipe already validated and a folder already claimed (fine-tuning checks its base first)."""
+        run = cls.__new__(cls)
+        run.folder, run.resume, run.recipe, run.state = RunFolder(run_dir), resume, recipe, state
+        return run
+
+    @property
+    def progress(self) -> bool:
+        """Whether this process shows progress bars."""
+        return self.recipe.train.progress and self.state.is_main_process
+
+    def checkpoint(self) -> Path | None:
+        """The checkpoint a resumed run continues from (None for a new run)."""
+        return self.folder.latest() if self.resume else None
+
+    def caption_datasets(self, image_size: int, normalize: str, shapes_options: dict | None = None):
+        """`caption_datasets` of the recipe's data section, for this process (see the function)."""
+        recipe = self.recipe
+        return caption_datasets(recipe.data, image_size=image_size, normalize=normalize, seed=recipe.train.seed,
+                                rank=self.state.process_index, world_size=self.state.num_processes,
+                                num_workers=recipe.train.num_workers, progress=self.progress,
+                                shapes_options=shapes_options)
+
+    def build_model(self, fresh: Callable[[], torch.nn.Module], model_class: type | None = None) -> torch.nn.Module:
+        """Write config.yaml (main process), wait for every process, seed train.seed, then build the model: `fresh()`,
+        or, resuming a run with `model_class`, that class from the checkpoint's own config.json, so that a run folder
+        is self-contained (a CLIP or VAE folder the fresh model was built from may be gone)."""
+        from accelerate.utils import set_seed
+
+        from ..config import from_dict
+        from ..hub import read_model_config
+
+        if self.state.is_main_process:
+            write_run_config(self.folder.path, self.recipe)
+        self.state.wait_for_everyone()
+        set_seed(self.recipe.train.seed)
+        checkpoint = self.checkpoint()
+        if model_class is not None and checkpoint is not None:
+            config = from_dict(model_class.config_class, read_model_config(checkpoint)["config"], "config.")
+            return model_class(config)
+        return fresh()
+
+    def fit(self, model: torch.nn.Module, **options):
+        """Train `model` with a Trainer on the recipe's train section (options: the Trainer's keyword arguments)."""
+        from ..training import Trainer
+
+        return Trainer(model, self.recipe.train, self.folder.path, **options).fit(resume=self.resume)
+
+
 def write_run_config(run_dir: Path, config) -> None:
     """Save the resolved config as RUN_DIR/config.yaml (what --resume reads back)."""
     RunFolder(run_dir).write_config(yaml.safe_dump(to_dict(config), sort_keys=False))
@@ -73,7 +136,8 @@ def write_run_config(run_dir: Path, config) -> None:
 
 def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: int = 0, world_size: int = 1,
                      num_workers: int = 0, progress: bool = True, shapes_options: dict | None = None):
-    """(train, val-or-None) raw caption datasets of a `data:` section (train, val, columns, templates, crop_scale, cache).
+    """(train, val-or-None) raw caption datasets of a `data:` section (train, val, columns, templates, crop_scale,
+    cache); mmgen.data.robust.robust() makes them skip and count bad samples.
 
     `shapes_options` (ShapesDataset keyword arguments) apply to shapes training data only.
 
@@ -102,12 +166,3 @@ def cache_workers(items: int, num_workers: int, min_items: int = 4096) -> int:
     if num_workers or items < min_items or torch.get_num_threads() < 2:
         return num_workers
     return torch.get_num_threads()
-
-
-def robust(dataset):
-    """`dataset` with bad samples replaced (map-style) or skipped (streams), and counted either way."""
-    from ..data.robust import ReplaceBadSamples, SkipBadSamplesInStream
-
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        return SkipBadSamplesInStream(dataset)
-    return ReplaceBadSamples(dataset)

@@ -13,27 +13,23 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..clip.model import CLIP
-from ..config import from_dict
 from ..data.images import make_grid, save_png
-from ..data.robust import BadSampleTracker, collate_captions
-from ..diffusion.loss import diffusion_loss
-from ..diffusion.samplers import standard_normal
+from ..data.robust import collate_captions, robust
+from ..diffusion.objective import DenoisingLoss, DiffusionLossConfig
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.text2img import TextToImage, TextToImageConfig, tokenize_prompts
 from ..diffusion.unet import UNetConfig
 from ..diffusion.vae import VAE
 from ..errors import CheckpointError, ConfigError, UserError
-from ..hub import load_as, read_model_config
+from ..hub import load_as
 from ..pipelines.text2img import TextToImagePipeline
-from ..run_folder import RunFolder
-from ..training import TrainConfig, Trainer
+from ..training import TrainConfig
 from ..training.trainer import process_state
-from .common import caption_datasets, open_run, robust, write_run_config
+from .common import RecipeRun
 
 
 @dataclass
@@ -76,20 +72,6 @@ class DiffusionDataConfig:
         if self.partial_captions is not None:
             options["partial_captions"] = self.partial_captions
         return options
-
-
-@dataclass
-class DiffusionLossConfig:
-    """The denoising loss: caption dropout for classifier-free guidance, optional min-SNR-gamma weighting."""
-
-    caption_dropout: float = 0.1  # this fraction of training captions is replaced by the empty prompt
-    min_snr_gamma: float | None = None  # e.g. 5.0
-
-    def __post_init__(self):
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must lie in [0, 1], got {self.caption_dropout}")
-        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
 
 
 @dataclass
@@ -136,51 +118,6 @@ class CaptionTokens:
         return batch
 
 
-class DenoisingLoss:
-    """loss_fn: noise the images at random timesteps, predict, diffusion_loss; in training, drop captions.
-
-    `encode_images(images, generator)` (the model's; None: the identity) first turns images into what the UNet
-    denoises: VAE latents for latent diffusion. Validation draws its timesteps, noise and latents from a generator
-    that `restart_validation` reseeds before each evaluation, so val/loss compares like with like and evaluation
-    leaves the training RNG alone.
-    """
-
-    def __init__(self, schedule: NoiseSchedule, config: DiffusionLossConfig, context_length: int,
-                 tracker: BadSampleTracker, seed: int, encode_images: Callable | None = None):
-        self.schedule, self.config, self.tracker, self.seed = schedule, config, tracker, seed
-        self.encode_images = encode_images
-        self.empty_tokens = tokenize_prompts([""], context_length)  # (1, context_length)
-        self.restart_validation()
-
-    def restart_validation(self) -> None:
-        """Reseed the validation draws."""
-        self.validation_generator = torch.Generator().manual_seed(self.seed)
-
-    def __call__(self, model, batch: dict):
-        images, tokens = batch["images"], batch["tokens"]
-        generator = None
-        if model.training:
-            self.tracker.update(batch)
-            dropped = torch.rand(len(tokens), device=tokens.device) < self.config.caption_dropout
-            tokens = torch.where(dropped[:, None], self.empty_tokens.to(tokens.device), tokens)
-        else:
-            generator = self.validation_generator
-        x0 = self.encode_images(images, generator) if self.encode_images is not None else images
-        draw_on = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.schedule.num_train_timesteps, (len(x0),), generator=generator, device=draw_on)
-        t = t.to(x0.device)
-        noise = standard_normal(x0.shape, generator, x0.device, x0.dtype)
-        output = model(self.schedule.add_noise(x0, noise, t), t, *self.model_inputs(model, batch, tokens))
-        target = self.schedule.target(x0, noise, t)
-        loss = diffusion_loss(output, target, t, self.schedule, self.config.min_snr_gamma)
-        return loss, ({"data/skipped_total": self.tracker.skipped} if self.tracker.skipped else {})
-
-    def model_inputs(self, model, batch: dict, tokens: torch.Tensor) -> tuple:
-        """The model's arguments after (x_t, t): the tokens, captions dropped in training (the unCLIP decoder adds
-        its image embeddings)."""
-        return (tokens,)
-
-
 class SampleGrid:
     """Samples the prompts with the model (DDIM, fixed seed) and saves RUN_DIR/samples/step-N.png (main process)."""
 
@@ -221,16 +158,6 @@ def grid_prompts(samples: SampleGridConfig, dataset) -> list[str]:
     if not prompts:
         raise UserError("no usable caption found for the sample grid; set samples.prompts")
     return prompts
-
-
-def evaluation(loss_fn: DenoisingLoss, grid: SampleGrid):
-    """The Trainer's evaluate_fn: reseed the validation draws for the next evaluation, save the sample grid."""
-
-    def evaluate(model: TextToImage, step: int) -> dict:
-        loss_fn.restart_validation()
-        return grid(model, step)
-
-    return evaluate
 
 
 def load_text_encoder(path: str) -> CLIP:
@@ -277,34 +204,29 @@ def check_model_section(clip: CLIP, vae: VAE | None, section: DiffusionModelSect
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
           schema: type = DiffusionRecipe) -> TextToImage:
     """Train a text-to-image model as `mmgen train diffusion` does (a `schema` config); returns the (EMA) model."""
-    from accelerate.utils import set_seed
-
-    run_dir = Path(run_dir)
-    recipe, state = open_run(schema, config_path, overrides, run_dir, resume)
-    checkpoint = RunFolder(run_dir).latest() if resume else None
+    run = RecipeRun(schema, config_path, overrides, run_dir, resume)
+    recipe = run.recipe
     clip = vae = None
-    if checkpoint is None:  # a checkpoint holds the text encoder and VAE: resuming needs neither folder
+    if run.checkpoint() is None:  # a checkpoint holds the text encoder and VAE: resuming needs neither folder
         clip = load_text_encoder(recipe.model.text_encoder)
         recipe.model.unet = _unet_for(clip, recipe.model.unet)
         vae = load_vae(recipe.model.vae, recipe.model.unet) if recipe.model.vae is not None else None
         check_model_section(clip, vae, recipe.model)
-    progress = recipe.train.progress and state.is_main_process
-    train_set, val_set = caption_datasets(
-        recipe.data, image_size=recipe.model.image_size, normalize="minus_one_to_one", seed=recipe.train.seed,
-        rank=state.process_index, world_size=state.num_processes, num_workers=recipe.train.num_workers,
-        progress=progress, shapes_options=recipe.data.shapes_options())
-    prompts = []
-    if state.is_main_process:
-        prompts = grid_prompts(recipe.samples, val_set or train_set)
-        write_run_config(run_dir, recipe)
-    state.wait_for_everyone()
+    train_set, val_set = run.caption_datasets(recipe.model.image_size, "minus_one_to_one", recipe.data.shapes_options())
+    prompts = grid_prompts(recipe.samples, val_set or train_set) if run.state.is_main_process else []
 
-    set_seed(recipe.train.seed)
-    if clip is not None:
-        model = TextToImage.from_text_encoder(clip, recipe.model.image_size, recipe.model.unet, recipe.model.schedule,
-                                              vae)
-    else:
-        model = TextToImage(from_dict(TextToImageConfig, read_model_config(checkpoint)["config"], "config."))
+    section = recipe.model
+    model = run.build_model(lambda: TextToImage.from_text_encoder(clip, section.image_size, section.unet,
+                                                                  section.schedule, vae), TextToImage)
+    describe(model, run.state)
+    return run.fit(model, loss_fn=DenoisingLoss(model, recipe.loss), train_dataset=robust(train_set),
+                   val_dataset=robust(val_set), collate_fn=CaptionTokens(model.context_length),
+                   evaluate_fn=SampleGrid(run.folder.path, prompts, recipe.samples),
+                   max_bad_fraction=recipe.data.max_bad_fraction)
+
+
+def describe(model: TextToImage, state) -> None:
+    """Print what is trained: the UNet's size and conditioning, and the VAE for latent diffusion."""
     unet_parameters = sum(p.numel() for p in model.unet.parameters())
     state.print(f"text2img: UNet {unet_parameters / 1e6:.2f}M parameters on a frozen CLIP text encoder "
                 f"(context {model.context_length} tokens x {model.config.unet.context_dim})")
@@ -313,17 +235,3 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
         state.print(f"latent diffusion: the UNet denoises {channels}x{size}x{size} latents of a frozen VAE "
                     f"(scaling factor {model.vae.config.scaling_factor:.4g}) decoded to "
                     f"{model.config.image_size}x{model.config.image_size} images")
-    tracker = BadSampleTracker(recipe.data.max_bad_fraction)
-    loss_fn = DenoisingLoss(model.schedule, recipe.loss, model.context_length, tracker, recipe.train.seed,
-                            encode_images=model.encode_images)
-    trainer = Trainer(
-        model,
-        recipe.train,
-        run_dir,
-        loss_fn=loss_fn,
-        train_dataset=robust(train_set),
-        val_dataset=robust(val_set) if val_set is not None else None,
-        collate_fn=CaptionTokens(model.context_length),
-        evaluate_fn=evaluation(loss_fn, SampleGrid(run_dir, prompts, recipe.samples)),
-    )
-    return trainer.fit(resume=resume)

@@ -25,7 +25,7 @@ from ..finetune import (
 )
 from ..hub import load_as, resolve_model_folder
 from ..training.trainer import default_load, default_save, process_state
-from .common import claim_run, load_recipe_config
+from .common import RecipeRun, claim_run, load_recipe_config
 
 
 @dataclass
@@ -46,7 +46,7 @@ class FinetuneConfig:
 def start(schema: type, model_class: type, config_path, run_dir, overrides, resume: bool, base: str | None):
     """Validate the config (the run's own when resuming), refuse a used run folder, load the base.
 
-    Returns (run_dir, recipe, process state, base model, base folder)."""
+    Returns (the RecipeRun, the base model, the base's folder)."""
     run_dir = Path(run_dir)
     recipe = load_recipe_config(schema, config_path, list(overrides), run_dir, resume)
     if base is not None:
@@ -63,7 +63,7 @@ def start(schema: type, model_class: type, config_path, run_dir, overrides, resu
         target_layers(model, recipe.lora.targets)
         if recipe.method == "qlora":
             require_bitsandbytes()
-    return run_dir, recipe, state, model, folder
+    return RecipeRun.claimed(recipe, state, run_dir, resume), model, folder
 
 
 def adapt(model, recipe: FinetuneConfig, save_model: Callable = default_save) -> tuple[Callable, Callable]:

@@ -19,12 +19,11 @@ from ..clip.classifier import CLIPClassifier
 from ..clip.model import CLIP
 from ..clip.zeroshot import topk_accuracy
 from ..data.captions import LabelledImageFolder, build_caption_dataset
-from ..data.robust import BadSampleTracker, collate_captions
+from ..data.robust import collate_captions, robust
 from ..errors import ConfigError, UserError
-from ..training import TrainConfig, Trainer
+from ..training import TrainConfig
 from ..training.trainer import process_state
 from .clip import batched, first_items
-from .common import robust, write_run_config
 from .finetune import FinetuneConfig, adapt, start
 
 
@@ -101,18 +100,11 @@ def classifier_datasets(data: ClassifierData, image_size: int, seed: int):
     return Subset(train_set, train_indices), Subset(folder(data.train, train=False), val_indices), train_set.classes
 
 
-class ClassificationLoss:
-    """loss_fn: cross-entropy of the class logits (and the batch's accuracy); training's bad samples are counted."""
-
-    def __init__(self, max_bad_fraction: float):
-        self.tracker = BadSampleTracker(max_bad_fraction)
-
-    def __call__(self, model, batch: dict):
-        if model.training:
-            self.tracker.update(batch)
-        logits = model(batch["images"])
-        accuracy = (logits.argmax(dim=-1) == batch["labels"]).float().mean()
-        return F.cross_entropy(logits.float(), batch["labels"]), {"train/accuracy": accuracy}
+def classification_loss(model, batch: dict):
+    """loss_fn: cross-entropy of the class logits (and the batch's accuracy)."""
+    logits = model(batch["images"])
+    accuracy = (logits.argmax(dim=-1) == batch["labels"]).float().mean()
+    return F.cross_entropy(logits.float(), batch["labels"]), {"train/accuracy": accuracy}
 
 
 class HeldOutAccuracy:
@@ -140,32 +132,17 @@ class HeldOutAccuracy:
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
           base: str | None = None) -> CLIPClassifier:
     """Train a CLIP classifier as `mmgen finetune clip-classifier` does; returns it."""
-    from accelerate.utils import set_seed
-
-    run_dir, recipe, state, clip, _ = start(ClassifierRecipe, CLIP, config_path, run_dir, overrides, resume, base)
+    run, clip, _ = start(ClassifierRecipe, CLIP, config_path, run_dir, overrides, resume, base)
+    recipe = run.recipe
     train_set, val_set, classes = classifier_datasets(recipe.data, clip.config.vision.image_size, recipe.train.seed)
-    evaluate = HeldOutAccuracy(val_set, recipe.data.eval_samples) if state.is_main_process else (lambda m, s: {})
-    if state.is_main_process:
-        write_run_config(run_dir, recipe)
-    state.wait_for_everyone()
+    evaluation = HeldOutAccuracy(val_set, recipe.data.eval_samples) if run.state.is_main_process else None
 
-    set_seed(recipe.train.seed)
-    model = CLIPClassifier.from_clip(clip, classes, recipe.head_init, recipe.data.templates)
+    model = run.build_model(lambda: CLIPClassifier.from_clip(clip, classes, recipe.head_init, recipe.data.templates))
     if recipe.probe:
         model.vision.requires_grad_(False)
-    state.print(f"{len(classes)} classes, {len(train_set)} training images, {len(val_set)} held out"
-                + (" (linear probe)" if recipe.probe else ""))
+    run.state.print(f"{len(classes)} classes, {len(train_set)} training images, {len(val_set)} held out"
+                    + (" (linear probe)" if recipe.probe else ""))
     save_fn, load_fn = adapt(model, recipe)
-    trainer = Trainer(
-        model,
-        recipe.train,
-        run_dir,
-        loss_fn=ClassificationLoss(recipe.data.max_bad_fraction),
-        train_dataset=robust(train_set),
-        val_dataset=robust(val_set),
-        collate_fn=collate_captions,
-        evaluate_fn=evaluate,
-        save_fn=save_fn,
-        load_fn=load_fn,
-    )
-    return trainer.fit(resume=resume)
+    return run.fit(model, loss_fn=classification_loss, train_dataset=robust(train_set), val_dataset=robust(val_set),
+                   collate_fn=collate_captions, evaluate_fn=evaluation, save_fn=save_fn, load_fn=load_fn,
+                   max_bad_fraction=recipe.data.max_bad_fraction)

@@ -22,8 +22,7 @@ from ..data.instructions import (
 from ..data.text import read_corpus, stack_windows
 from ..text.gpt import GPT
 from ..text.tokenizers import load_tokenizer
-from ..training import TrainConfig, Trainer
-from .common import write_run_config
+from ..training import TrainConfig
 from .finetune import FinetuneConfig, adapt, start
 from .lm import next_token_loss, saver, text_datasets
 
@@ -75,28 +74,22 @@ def instruction_datasets(data: LMFinetuneData, tokenizer, context: int):
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False, base: str | None = None) -> GPT:
     """Fine-tune a GPT as `mmgen finetune lm` does; returns the trained (adapted) model."""
-    from accelerate.utils import set_seed
-
-    run_dir, recipe, state, model, folder = start(LMFinetuneRecipe, GPT, config_path, run_dir, overrides, resume, base)
+    run, model, folder = start(LMFinetuneRecipe, GPT, config_path, run_dir, overrides, resume, base)
     tokenizer = load_tokenizer(folder)
     context = model.config.context_length
-    data = recipe.data
+    data = run.recipe.data
     if data.instructions is not None:
         train_set, val_set = instruction_datasets(data, tokenizer, context)
         loss_fn, collate_fn, tokens_per_sample = response_loss, collate_instructions, None
         skipped = train_set.dropped + (val_set.dropped if val_set else 0)
-        state.print(f"{len(train_set)} instruction pairs for training, {len(val_set) if val_set else 0} held out"
-                    + (f"; {skipped} dropped (prompt longer than the {context}-token context)" if skipped else ""))
+        run.state.print(f"{len(train_set)} instruction pairs for training, {len(val_set) if val_set else 0} held out"
+                        + (f"; {skipped} dropped (prompt longer than the {context}-token context)" if skipped else ""))
     else:
         tokens = torch.tensor(tokenizer.encode(read_corpus(data.path)), dtype=torch.long)
         train_set, val_set = text_datasets(tokens, data.val_fraction, context)
         loss_fn, collate_fn, tokens_per_sample = next_token_loss, stack_windows, context
-    if state.is_main_process:
-        write_run_config(run_dir, recipe)
-    state.wait_for_everyone()
 
-    set_seed(recipe.train.seed)
-    save_fn, load_fn = adapt(model, recipe, save_model=saver(tokenizer))
-    trainer = Trainer(model, recipe.train, run_dir, loss_fn=loss_fn, train_dataset=train_set, val_dataset=val_set,
-                      collate_fn=collate_fn, save_fn=save_fn, load_fn=load_fn, tokens_per_sample=tokens_per_sample)
-    return trainer.fit(resume=resume)
+    model = run.build_model(lambda: model)
+    save_fn, load_fn = adapt(model, run.recipe, save_model=saver(tokenizer))
+    return run.fit(model, loss_fn=loss_fn, train_dataset=train_set, val_dataset=val_set, collate_fn=collate_fn,
+                   save_fn=save_fn, load_fn=load_fn, tokens_per_sample=tokens_per_sample)

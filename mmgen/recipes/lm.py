@@ -11,12 +11,16 @@ from torch.nn import functional as F
 
 from ..data.text import TokenWindows, read_corpus, stack_windows
 from ..errors import ConfigError
-from ..run_folder import RunFolder
 from ..text.gpt import GPT, GPTConfig
-from ..text.tokenizers import TOKENIZER_FILE, BPETokenizer, CharTokenizer, load_tokenizer
-from ..training import TrainConfig, Trainer
-from ..training.trainer import default_save, process_state
-from .common import claim_run, load_recipe_config, write_run_config
+from ..text.tokenizers import (
+    TOKENIZER_FILE,
+    BPETokenizer,
+    CharTokenizer,
+    load_tokenizer,
+)
+from ..training import TrainConfig
+from ..training.trainer import default_save
+from .common import RecipeRun
 
 
 @dataclass
@@ -44,11 +48,10 @@ class LMRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def load_config(config_path, overrides: list[str], run_dir: Path, resume: bool) -> LMRecipe:
-    """Validated LMRecipe from a YAML file (or a run's saved config) and dotted overrides."""
+def refuse_vocabulary_override(overrides) -> None:
+    """The vocabulary size is the tokenizer's: a model.vocab_size override is a ConfigError."""
     if any(item.split("=", 1)[0] == "model.vocab_size" for item in overrides):
         raise ConfigError("model.vocab_size is set by the tokenizer; use data.vocab_size for BPE")
-    return load_recipe_config(LMRecipe, config_path, overrides, run_dir, resume)
 
 
 def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
@@ -75,16 +78,12 @@ def saver(tokenizer, save=default_save):
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False):
     """Train a GPT as `mmgen train lm` does; returns (model, tokenizer)."""
-    from accelerate.utils import set_seed
-
-    run_dir = Path(run_dir)
-    recipe = load_config(config_path, list(overrides), run_dir, resume)
-    state = process_state()
-    claim_run(run_dir, resume, state)
+    refuse_vocabulary_override(overrides)
+    run = RecipeRun(LMRecipe, config_path, overrides, run_dir, resume)
+    recipe = run.recipe
     text = read_corpus(recipe.data.path)
-    final = RunFolder(run_dir).final
-    if resume and (final / TOKENIZER_FILE).exists():
-        tokenizer = load_tokenizer(final)
+    if resume and (run.folder.final / TOKENIZER_FILE).exists():
+        tokenizer = load_tokenizer(run.folder.final)
     elif recipe.data.tokenizer == "char":
         tokenizer = CharTokenizer.train(text)
     else:
@@ -93,27 +92,10 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     context = recipe.model.context_length
     train_set, val_set = text_datasets(tokens, recipe.data.val_fraction, context)
     recipe.model = replace(recipe.model, vocab_size=tokenizer.vocab_size)
-    if state.is_main_process:
-        write_run_config(run_dir, recipe)
-    state.wait_for_everyone()
 
-    set_seed(recipe.train.seed)
-    model = GPT(recipe.model)
-    state.print(
-        f"GPT: {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {tokenizer.vocab_size}, "
-        f"{len(tokens):,} tokens ({len(train_set):,} train windows, {len(val_set):,} val)"
-    )
-
-    trainer = Trainer(
-        model,
-        recipe.train,
-        run_dir,
-        loss_fn=next_token_loss,
-        train_dataset=train_set,
-        val_dataset=val_set,
-        collate_fn=stack_windows,
-        save_fn=saver(tokenizer),
-        tokens_per_sample=context,
-    )
-    model = trainer.fit(resume=resume)
+    model = run.build_model(lambda: GPT(recipe.model))
+    run.state.print(f"GPT: {model.num_parameters() / 1e6:.2f}M parameters, vocabulary {tokenizer.vocab_size}, "
+                    f"{len(tokens):,} tokens ({len(train_set):,} train windows, {len(val_set):,} val)")
+    model = run.fit(model, loss_fn=next_token_loss, train_dataset=train_set, val_dataset=val_set,
+                    collate_fn=stack_windows, save_fn=saver(tokenizer), tokens_per_sample=context)
     return model, tokenizer

@@ -11,22 +11,25 @@ embeddings (val/cosine_text_baseline), which the prior has to beat.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..data.robust import BadSampleTracker
-from ..diffusion.prior import DiffusionPrior, PriorConfig, PriorTransformerConfig, default_prior_schedule
+from ..data.robust import robust
+from ..diffusion.objective import DiffusionLossConfig, PriorLoss
+from ..diffusion.prior import (
+    DiffusionPrior,
+    PriorTransformerConfig,
+    default_prior_schedule,
+)
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.text2img import tokenize_prompts
-from ..errors import ConfigError, UserError
+from ..errors import UserError
 from ..pipelines.unclip import PriorPipeline
-from ..run_folder import RunFolder
-from ..training import TrainConfig, Trainer
+from ..training import TrainConfig
 from ..training.trainer import process_state
-from .common import caption_datasets, open_run, robust, write_run_config
-from .diffusion import CaptionTokens, DenoisingLoss, DiffusionDataConfig, DiffusionLossConfig
-from .unclip import checkpoint_config, held_out_pairs, load_clip
+from .common import RecipeRun
+from .diffusion import CaptionTokens, DiffusionDataConfig
+from .unclip import evaluation_pairs, load_clip
 
 
 @dataclass
@@ -92,29 +95,18 @@ def embedding_similarity(prior: DiffusionPrior, images: torch.Tensor, captions: 
 
 
 class SimilarityEvaluation:
-    """The Trainer's evaluate_fn: reseed the validation draws, then (main process) val/cosine on the fixed pairs."""
+    """The Trainer's evaluate_fn: (main process) val/cosine on the fixed pairs."""
 
-    def __init__(self, loss_fn: DenoisingLoss, images: torch.Tensor, captions: list[str], config: PriorSamplesConfig):
-        self.loss_fn, self.images, self.captions, self.config = loss_fn, images, captions, config
+    def __init__(self, images: torch.Tensor, captions: list[str], config: PriorSamplesConfig):
+        self.images, self.captions, self.config = images, captions, config
 
     def __call__(self, model: DiffusionPrior, step: int) -> dict:
-        self.loss_fn.restart_validation()
         if not self.captions or not process_state().is_main_process:
             return {}
         config = self.config
         similarity = embedding_similarity(model, self.images, self.captions, steps=config.steps,
                                           guidance_scale=config.guidance_scale, seed=config.seed)
         return {f"val/{name}": value for name, value in similarity.items()}
-
-
-class ImageTargets:
-    """DenoisingLoss's encode_images for the prior: images -> scaled CLIP image embeddings (deterministic)."""
-
-    def __init__(self, prior: DiffusionPrior):
-        self.prior = prior
-
-    def __call__(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        return self.prior.image_targets(images)
 
 
 def new_model(section: PriorModelSection) -> DiffusionPrior:
@@ -124,46 +116,18 @@ def new_model(section: PriorModelSection) -> DiffusionPrior:
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> DiffusionPrior:
     """Train a diffusion prior as `mmgen train prior` does; returns the (EMA) model."""
-    from accelerate.utils import set_seed
-
-    run_dir = Path(run_dir)
-    recipe, state = open_run(PriorRecipe, config_path, overrides, run_dir, resume)
-    checkpoint = RunFolder(run_dir).latest() if resume else None
-    set_seed(recipe.train.seed)
+    run = RecipeRun(PriorRecipe, config_path, overrides, run_dir, resume)
+    recipe = run.recipe
     # a checkpoint holds the CLIP: resuming does not need the CLIP folder
-    if checkpoint is None:
-        model = new_model(recipe.model)
-    else:
-        model = DiffusionPrior(checkpoint_config(checkpoint, PriorConfig))
-    clip_config = model.config.clip
-    train_set, val_set = caption_datasets(
-        recipe.data, image_size=clip_config.vision.image_size, normalize="clip", seed=recipe.train.seed,
-        rank=state.process_index, world_size=state.num_processes, num_workers=recipe.train.num_workers,
-        progress=recipe.train.progress and state.is_main_process, shapes_options=recipe.data.shapes_options())
-    images, captions = torch.empty(0), []
-    if state.is_main_process:
-        if recipe.samples.count:
-            images, captions = held_out_pairs(val_set or train_set, recipe.samples.count)
-            if not captions:
-                raise ConfigError("no usable image-caption pair found for samples; set samples.count=0")
-        write_run_config(run_dir, recipe)
-    state.wait_for_everyone()
+    model = run.build_model(lambda: new_model(recipe.model), DiffusionPrior)
+    train_set, val_set = run.caption_datasets(model.config.clip.vision.image_size, "clip", recipe.data.shapes_options())
+    images, captions = evaluation_pairs(run, train_set, val_set, recipe.samples.count)
 
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    state.print(f"prior: transformer {parameters / 1e6:.2f}M parameters on a frozen CLIP "
-                f"(embed_dim {model.embed_dim}, {model.context_length} text tokens, "
-                f"predicting {model.schedule.prediction_type})")
-    tracker = BadSampleTracker(recipe.data.max_bad_fraction)
-    loss_fn = DenoisingLoss(model.schedule, recipe.loss, model.context_length, tracker, recipe.train.seed,
-                            encode_images=ImageTargets(model))
-    trainer = Trainer(
-        model,
-        recipe.train,
-        run_dir,
-        loss_fn=loss_fn,
-        train_dataset=robust(train_set),
-        val_dataset=robust(val_set) if val_set is not None else None,
-        collate_fn=CaptionTokens(model.context_length),
-        evaluate_fn=SimilarityEvaluation(loss_fn, images, captions, recipe.samples),
-    )
-    return trainer.fit(resume=resume)
+    run.state.print(f"prior: transformer {parameters / 1e6:.2f}M parameters on a frozen CLIP "
+                    f"(embed_dim {model.embed_dim}, {model.context_length} text tokens, "
+                    f"predicting {model.schedule.prediction_type})")
+    return run.fit(model, loss_fn=PriorLoss(model, recipe.loss), train_dataset=robust(train_set),
+                   val_dataset=robust(val_set), collate_fn=CaptionTokens(model.context_length),
+                   evaluate_fn=SimilarityEvaluation(images, captions, recipe.samples),
+                   max_bad_fraction=recipe.data.max_bad_fraction)

@@ -37,3 +37,14 @@ def held_out_pairs(dataset, count: int) -> tuple[torch.Tensor, list[str]]:
     if not pairs:
         return torch.empty(0, 3, 0, 0), []
     return torch.stack([item["image"] for item in pairs]), [item["caption"] for item in pairs]
+
+
+def evaluation_pairs(run, train_set, val_set, count: int) -> tuple[torch.Tensor, list[str]]:
+    """The held-out pairs an unCLIP recipe evaluates on: `count` usable pairs of the val set (else the training set)
+    on the main process, none elsewhere or with count 0; none usable is a ConfigError."""
+    if not run.state.is_main_process or not count:
+        return torch.empty(0), []
+    images, captions = held_out_pairs(val_set or train_set, count)
+    if not captions:
+        raise ConfigError("no usable image-caption pair found for the evaluation samples; set samples.count=0")
+    return images, captions

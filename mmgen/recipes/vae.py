@@ -19,12 +19,11 @@ from typing import Literal
 import torch
 
 from ..data.images import make_grid, save_png, to_pil_images
-from ..data.robust import BadSampleTracker, collate_captions
+from ..data.robust import collate_captions, robust
 from ..diffusion.vae import VAE, VAEConfig, vae_loss
-from ..run_folder import RunFolder
-from ..training import TrainConfig, Trainer
+from ..training import TrainConfig
 from ..training.trainer import process_state
-from .common import caption_datasets, open_run, robust, write_run_config
+from .common import RecipeRun
 from .diffusion import DiffusionDataConfig
 
 
@@ -87,19 +86,14 @@ class VAERecipe:
 class ReconstructionLoss:
     """loss_fn: vae_loss of the reconstruction from a posterior sample (training) or the posterior mode (validation)."""
 
-    def __init__(self, config: VAELossConfig, tracker: BadSampleTracker):
-        self.config, self.tracker = config, tracker
+    def __init__(self, config: VAELossConfig):
+        self.config = config
 
     def __call__(self, model, batch: dict):
         images = batch["images"]
-        if model.training:
-            self.tracker.update(batch)
         reconstruction, posterior = model(images, sample_posterior=model.training)
         loss = vae_loss(reconstruction, images, posterior, self.config.kl_weight, self.config.reconstruction)
-        extras = {"loss/reconstruction": loss.reconstruction.detach(), "loss/kl": loss.kl.detach()}
-        if self.tracker.skipped:
-            extras["data/skipped_total"] = self.tracker.skipped
-        return loss.total, extras
+        return loss.total, {"loss/reconstruction": loss.reconstruction.detach(), "loss/kl": loss.kl.detach()}
 
 
 def first_batches(dataset, batch_size: int, count: int):
@@ -172,40 +166,20 @@ class VAEEvaluation:
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> VAE:
     """Train a VAE as `mmgen train vae` does; returns the (EMA) model (its config holds the measured scaling factor)."""
-    from accelerate.utils import set_seed
+    run = RecipeRun(VAERecipe, config_path, overrides, run_dir, resume)
+    recipe = run.recipe
+    train_set, val_set = run.caption_datasets(recipe.model.image_size, "minus_one_to_one", recipe.data.shapes_options())
+    train_set, val_set = robust(train_set), robust(val_set)
 
-    run_dir = Path(run_dir)
-    recipe, state = open_run(VAERecipe, config_path, overrides, run_dir, resume)
-    progress = recipe.train.progress and state.is_main_process
-    train_set, val_set = caption_datasets(
-        recipe.data, image_size=recipe.model.image_size, normalize="minus_one_to_one", seed=recipe.train.seed,
-        rank=state.process_index, world_size=state.num_processes, num_workers=recipe.train.num_workers,
-        progress=progress, shapes_options=recipe.data.shapes_options())
-    if state.is_main_process:
-        write_run_config(run_dir, recipe)
-    state.wait_for_everyone()
-
-    set_seed(recipe.train.seed)
-    model = VAE(recipe.model.vae_config())
+    model = run.build_model(lambda: VAE(recipe.model.vae_config()))
     config, size = model.config, recipe.model.image_size
     latent = size // config.downsampling_factor
-    state.print(f"vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config.in_channels}x{size}"
-                f"x{size} images -> {config.latent_channels}x{latent}x{latent} latents")
-    tracker = BadSampleTracker(recipe.data.max_bad_fraction)
-    train_set, val_set = robust(train_set), robust(val_set) if val_set is not None else None
-    evaluation = VAEEvaluation(run_dir, model, train_set, val_set or train_set, "val" if val_set else "train",
+    run.state.print(f"vae: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {config.in_channels}x"
+                    f"{size}x{size} images -> {config.latent_channels}x{latent}x{latent} latents")
+    evaluation = VAEEvaluation(run.folder.path, model, train_set, val_set or train_set, "val" if val_set else "train",
                                recipe.evaluation, recipe.train)
-    trainer = Trainer(
-        model,
-        recipe.train,
-        run_dir,
-        loss_fn=ReconstructionLoss(recipe.loss, tracker),
-        train_dataset=train_set,
-        val_dataset=val_set,
-        collate_fn=collate_captions,
-        evaluate_fn=evaluation,
-    )
-    model = trainer.fit(resume=resume)
-    state.print(f"latent scaling factor {model.config.scaling_factor:.5g} (1 / std of the latents of "
-                f"{recipe.evaluation.scaling_batches} training batches), stored in {RunFolder(run_dir).final}")
+    model = run.fit(model, loss_fn=ReconstructionLoss(recipe.loss), train_dataset=train_set, val_dataset=val_set,
+                    collate_fn=collate_captions, evaluate_fn=evaluation, max_bad_fraction=recipe.data.max_bad_fraction)
+    run.state.print(f"latent scaling factor {model.config.scaling_factor:.5g} (1 / std of the latents of "
+                    f"{recipe.evaluation.scaling_batches} training batches), stored in {run.folder.final}")
     return model

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..run_folder import EMA_WEIGHTS_FILE as EMA_WEIGHTS
 from ..io import load_tensors, save_tensors
+from ..run_folder import EMA_WEIGHTS_FILE as EMA_WEIGHTS
 
 
 class ExponentialMovingAverage:

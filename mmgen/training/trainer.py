@@ -7,7 +7,6 @@ checkpoints; a recipe gives it a model, datasets and a `loss_fn(model, batch) ->
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import os
 import sys
@@ -17,18 +16,17 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from ..data.sampling import FixedBatchSampler, StepBatchSampler
+from ..data.robust import BadSampleTracker
 from ..errors import ConfigError, UserError
 from ..hub import WEIGHTS_NAME, load_weights
-from ..io import atomic_folder
 from ..run_folder import RunFolder
-from .checkpoint import optimizer_from_files, optimizer_to_files, rng_from_file, rng_to_file
+from .batches import Batches
+from .checkpointing import Checkpoints
 from .ema import ExponentialMovingAverage
-from .interrupts import DeferredStop, Interrupted, ignore_stop_signals
-from .metrics import MetricsLogger, truncate_metrics
+from .interrupts import DeferredStop, Interrupted
+from .metrics import MetricsLogger
 from .optim import learning_rate, make_optimizer
 
 
@@ -97,7 +95,7 @@ def default_load(model, folder: Path) -> None:
     load_weights(model, folder / WEIGHTS_NAME)
 
 
-class Trainer:
+class Trainer(Checkpoints):
     """Trains `model` on `train_dataset` by minimising `loss_fn(model, batch)`; writes everything under run_dir.
 
     `loss_fn` returns the loss, or (loss, {name: number}) whose numbers are logged with train/loss (averaged over
@@ -124,6 +122,7 @@ class Trainer:
         save_fn: Callable = default_save,
         load_fn: Callable = default_load,
         tokens_per_sample: int | None = None,
+        max_bad_fraction: float | None = None,
     ):
         from accelerate import Accelerator
 
@@ -131,6 +130,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run = RunFolder(run_dir)
         self.loss_fn = loss_fn
+        # caption data (max_bad_fraction given): the skipped samples its batches report are counted and logged as
+        # data/skipped_total; past the fraction the run stops with one line (mmgen.data.robust)
+        self.bad_samples = BadSampleTracker(max_bad_fraction) if max_bad_fraction is not None else None
         self.train_dataset = train_dataset
         self.val_dataset = val_dataset
         self.collate_fn = collate_fn
@@ -149,73 +151,14 @@ class Trainer:
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
             self.accelerator.print("warning: train.mixed_precision=fp16 has no effect on CPU, training runs in fp32 "
                                    "(bf16 is the mixed precision CPUs support)", file=sys.stderr)
+        self.batches = Batches(config, collate_fn, self.accelerator.process_index, self.accelerator.num_processes,
+                               pin_memory=self.accelerator.device.type == "cuda")
         self.model = model
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.betas)
         self.ema = ExponentialMovingAverage(model, config.ema_decay, config.ema_warmup) if config.ema_decay else None
         self.step = 0
         self.stop = DeferredStop()
         self._window_loss = torch.zeros(())  # the losses since the last log step (checked before every save)
-
-    # ------------------------------------------------------------------ data
-    def _train_batches(self):
-        """Endless iterator over this process's training batches, starting where step `self.step` left off."""
-        accelerator, config = self.accelerator, self.config
-        first_batch = self.step * config.grad_accum_steps
-        if isinstance(self.train_dataset, IterableDataset):
-            # a stream splits itself across processes and workers; resuming skips the batches already seen
-            return itertools.islice(self._endless_stream(), first_batch, None)
-        sampler = StepBatchSampler(
-            len(self.train_dataset),
-            config.batch_size,
-            seed=config.seed,
-            start=first_batch,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        )
-        return iter(self._loader(self.train_dataset, sampler))
-
-    def _endless_stream(self):
-        loader = self._loader(self.train_dataset, None)
-        for epoch in itertools.count():
-            if hasattr(self.train_dataset, "set_epoch"):
-                self.train_dataset.set_epoch(epoch)
-            batches = 0
-            for batch in loader:
-                batches += 1
-                yield batch
-            if batches == 0:
-                raise UserError("the training stream yielded no complete batch (fewer samples than train.batch_size)")
-
-    def _val_batches(self):
-        accelerator, config = self.accelerator, self.config
-        if isinstance(self.val_dataset, IterableDataset):
-            return itertools.islice(self._loader(self.val_dataset, None), config.eval_batches)
-        sampler = FixedBatchSampler(
-            len(self.val_dataset),
-            config.batch_size,
-            config.eval_batches,
-            seed=config.seed + 1,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-        )
-        return self._loader(self.val_dataset, sampler)
-
-    def _loader(self, dataset, sampler) -> DataLoader:
-        """A DataLoader over `sampler`'s index batches, or over fixed-size batches of a stream (sampler None)."""
-        workers = self.config.num_workers
-        batching = {"batch_sampler": sampler} if sampler is not None else {"batch_size": self.config.batch_size,
-                                                                          "drop_last": True}
-        return DataLoader(
-            dataset,
-            **batching,
-            collate_fn=self.collate_fn,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            worker_init_fn=ignore_stop_signals if workers > 0 else None,  # Ctrl-C / SIGTERM are the Trainer's job
-            pin_memory=self.accelerator.device.type == "cuda",
-            # its own generator: creating a loader must not draw from the global RNG (exact resume needs that)
-            generator=torch.Generator().manual_seed(self.config.seed + self.accelerator.process_index),
-        )
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False):
@@ -246,7 +189,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.to(accelerator.device)
         logger = MetricsLogger(self.run_dir, config.tensorboard) if accelerator.is_main_process else None
-        train_batches = self._train_batches()
+        train_batches = self.batches.train(self.train_dataset, self.step)
         global_batch = config.batch_size * config.grad_accum_steps * accelerator.num_processes
         progress = tqdm(
             total=config.max_steps,
@@ -343,6 +286,10 @@ class Trainer:
         step_loss = torch.zeros((), device=accelerator.device)
         for micro_step in range(config.grad_accum_steps):
             batch = _to_device(next(train_batches), accelerator.device)
+            if self.bad_samples is not None:
+                self.bad_samples.update(batch)
+                if self.bad_samples.skipped:
+                    window_extras.setdefault("data/skipped_total", []).append(self.bad_samples.skipped)
             last = micro_step == config.grad_accum_steps - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
@@ -371,27 +318,18 @@ class Trainer:
         raise Interrupted(f"stopped by {what} at step {self.step}; checkpoint {folder} written, continue with "
                           f"--resume {self.run_dir}", exit_code)
 
-    def _diverged(self, step: int, loss: float):
-        """Stop on a non-finite loss, naming the last good checkpoint (nothing is written from this state)."""
-        latest = self.run.latest()
-        where = (f"the last good checkpoint is {latest}: --resume {self.run_dir} continues from it (consider a lower "
-                 "train.lr)" if latest else "no checkpoint was written; lower train.lr and start again")
-        raise UserError(f"training diverged at step {step} (loss {loss}); nothing was saved from it, {where}")
-
-    def _check_finite(self) -> None:
-        """Refuse to save a state whose loss window or trainable weights hold NaN / inf."""
-        parameters = [p.detach() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
-        norms = torch.stack([norm.float() for norm in torch._foreach_norm(parameters)]) if parameters else None
-        finite = torch.isfinite(self._window_loss).all() and (norms is None or torch.isfinite(norms).all())
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(float(not finite), device=self.accelerator.device)
-            finite = self.accelerator.reduce(flag, reduction="sum").item() == 0
-        if not finite:
-            self._diverged(self.step, float("nan"))
-
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean loss over the fixed validation batches, plus whatever `evaluate_fn` reports."""
+        """Mean loss over the fixed validation batches, plus whatever `evaluate_fn` reports.
+
+        It runs in a forked RNG seeded with train.seed: an objective's random draws in eval mode (a diffusion loss's
+        timesteps and noise) are the same at every evaluation, and training's RNG continues as if none had run."""
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed)
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
         accelerator = self.accelerator
         model = self.prepared_model
         metrics = {}
@@ -399,7 +337,7 @@ class Trainer:
         if self.val_dataset is not None:
             total = torch.zeros((), device=accelerator.device)
             count = 0
-            for batch in self._val_batches():
+            for batch in self.batches.validation(self.val_dataset):
                 with accelerator.autocast():
                     loss, _ = _split_loss(self.loss_fn(model, _to_device(batch, accelerator.device)))
                 total += loss.float()
@@ -414,90 +352,6 @@ class Trainer:
     def _model_to_keep(self) -> torch.nn.Module:
         """What is evaluated, saved as final/ and returned: the EMA model when EMA is on, else the trained one."""
         return self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.model)
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        """Write RUN_DIR/checkpoints/step-N (model, optimizer, RNG, step) atomically; keep the newest few.
-
-        A non-finite state is never written; a write that fails (a full disk) leaves no temporary folder and the
-        previous checkpoint the latest, and stops the run with one line."""
-        accelerator, step = self.accelerator, self.step
-        self._check_finite()
-        failure = None
-        try:
-            if accelerator.is_main_process:
-                staging = self.run.checkpoint_staging(step)
-        except OSError as error:
-            failure = error
-        accelerator.wait_for_everyone()
-        staging = self.run.checkpoint_staging_path(step)
-        try:
-            if failure is None and accelerator.is_main_process:
-                self.save_fn(accelerator.unwrap_model(self.model), staging)
-                optimizer_to_files(self.optimizer, staging)
-                if self.ema is not None:
-                    self.ema.save(staging)
-                self.run.write_state(staging, {"step": step, "num_processes": accelerator.num_processes})
-            if failure is None:
-                rng_to_file(staging / f"rng-{accelerator.process_index}.safetensors")
-        except OSError as error:
-            failure = error
-        if self._failed_anywhere(failure):
-            if accelerator.is_main_process:
-                self.run.discard_staging(step)
-            latest = self.run.latest()
-            reason = f"{failure.strerror or failure}" if failure is not None else "it failed on another process"
-            raise UserError(f"could not write checkpoint step-{step} in {self.run_dir}: {reason}; "
-                            + (f"{latest} is still the latest" if latest else "no checkpoint was written yet"))
-        if accelerator.is_main_process:
-            self.run.publish_checkpoint(step)
-            self.run.prune(self.config.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return self.run.checkpoint(step)
-
-    def _failed_anywhere(self, failure: Exception | None) -> bool:
-        """Whether any process failed (every process must take the same branch after a barrier)."""
-        failed = failure is not None
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(float(failed), device=self.accelerator.device)
-            failed = self.accelerator.reduce(flag, reduction="sum").item() > 0
-        return failed
-
-    def save_final(self) -> Path:
-        """Write RUN_DIR/final (config.json + model.safetensors + recipe files; the EMA weights if on) atomically."""
-        self._check_finite()
-        folder = self.run.final
-        self.accelerator.wait_for_everyone()
-        failure = None
-        if self.accelerator.is_main_process:
-            try:
-                with atomic_folder(folder) as staging:
-                    self.save_fn(self._model_to_keep(), staging)
-            except OSError as error:
-                failure = error
-        if self._failed_anywhere(failure):
-            latest = self.run.latest()
-            reason = f"{failure.strerror or failure}" if failure is not None else "it failed on another process"
-            raise UserError(f"could not write {folder}: {reason}; "
-                            + (f"--resume {self.run_dir} continues from {latest.name}" if latest else
-                               "no checkpoint was written"))
-        self.accelerator.wait_for_everyone()
-        return folder
-
-    def _load_checkpoint(self, folder: Path) -> None:
-        state = self.run.read_state(folder)
-        self.load_fn(self.model, folder)
-        optimizer_from_files(self.optimizer, folder)
-        if self.ema is not None:
-            self.ema.load(folder, self.model)
-        self.step = state["step"]
-        rng_file = folder / f"rng-{self.accelerator.process_index}.safetensors"
-        if rng_file.exists():
-            rng_from_file(rng_file)
-        if self.accelerator.is_main_process:
-            truncate_metrics(self.run_dir, self.step)
-        self.accelerator.print(f"resuming from {folder} at step {self.step}")
-
 
 def _split_loss(output) -> tuple[torch.Tensor, dict]:
     """A loss_fn returns the loss, or (loss, {name: number}) with extra metrics to log."""

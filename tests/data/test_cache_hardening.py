@@ -12,11 +12,17 @@ from torchvision.transforms import v2
 from mmgen.data.cache import CachedCaptions, InMemoryCaptions
 from mmgen.data.captions import build_caption_dataset
 from mmgen.data.images import normalization, tensor_transform
-from mmgen.data.robust import BadSample, BadSampleTracker, ReplaceBadSamples, collate_captions
+from mmgen.data.robust import (
+    BadSample,
+    BadSampleTracker,
+    ReplaceBadSamples,
+    collate_captions,
+    robust,
+)
 from mmgen.data.sampling import StepBatchSampler
 from mmgen.data.shapes import ShapesDataset
 from mmgen.errors import UserError
-from mmgen.recipes.common import caption_datasets, robust
+from mmgen.recipes.common import caption_datasets
 
 from .helpers import random_caption, random_image, write_table
 

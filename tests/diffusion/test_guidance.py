@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mmgen.data.images import CLIP_MEAN, CLIP_STD
+from mmgen.clip.preprocess import CLIP_MEAN, CLIP_STD
 from mmgen.diffusion import (
     Conditioned,
     DDIMSampler,
@@ -156,3 +156,33 @@ def test_guidance_interval_skips_the_unconditional_pass_outside_it(model):
                                        interval=(100, 999))
     torch.testing.assert_close(limited(x, t), model.denoise(x, t, cond), atol=1e-5, rtol=1e-5)
     assert calls == [2]  # the conditional batch only
+
+
+def _leaves(condition):
+    """The tensors of a condition (a tensor, or nested (named) tuples of them), None kept."""
+    if condition is None or isinstance(condition, torch.Tensor):
+        return [condition]
+    return [leaf for part in condition for leaf in _leaves(part)]
+
+
+def test_training_dropout_substitutes_the_null_condition_guidance_uses(model):
+    from tests.diffusion.unclip_helpers import tiny_decoder, tiny_prior
+
+    tokens = tokenize_prompts(["a red circle", "a small blue square at the top"], model.context_length)
+    embedding = F.normalize(torch.randn(2, 48), dim=-1)
+    cases = [(model, (tokens,)), (tiny_prior(), (tokens,)), (tiny_decoder(), (embedding, tokens)),
+             (tiny_decoder(text_conditioning=False), (embedding, None))]
+    for conditioned, inputs in cases:
+        masks = tuple(torch.tensor([True, False]) for _ in inputs)
+        dropped = conditioned.drop_condition(inputs, masks)
+        null, kept = _leaves(conditioned.null_condition(2)), _leaves(conditioned.encode_condition(*inputs))
+        for leaf, null_leaf, kept_leaf in zip(_leaves(conditioned.encode_condition(*dropped)), null, kept, strict=True):
+            if leaf is None:
+                assert null_leaf is None and kept_leaf is None
+                continue
+            assert torch.equal(leaf[0], null_leaf[0]) and torch.equal(leaf[1], kept_leaf[1])
+        assert not torch.equal(null[0], kept[0])  # the null condition is another input
+    null_tokens = model.drop_condition((tokens,), (torch.tensor([True, True]),))[0]
+    assert torch.equal(null_tokens, tokenize_prompts(["", ""], model.context_length))
+    zeroed = tiny_decoder().drop_condition((embedding, tokens), (torch.tensor([True, False]), None))
+    assert not zeroed[0][0].any() and torch.equal(zeroed[0][1], embedding[1]) and torch.equal(zeroed[1], tokens)

@@ -143,12 +143,9 @@ class ZeroModel(torch.nn.Module):
 
 
 def _prior_loss(prior, **config):
-    from mmgen.data.robust import BadSampleTracker
-    from mmgen.recipes.diffusion import DenoisingLoss, DiffusionLossConfig
-    from mmgen.recipes.prior import ImageTargets
+    from mmgen.diffusion.objective import DiffusionLossConfig, PriorLoss
 
-    return DenoisingLoss(prior.schedule, DiffusionLossConfig(**config), prior.context_length, BadSampleTracker(1.0),
-                         seed=0, encode_images=ImageTargets(prior))
+    return PriorLoss(prior, DiffusionLossConfig(**config))
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
@@ -175,6 +172,7 @@ def test_a_few_training_steps_learn_the_clean_embedding():
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     batch = {"images": images, "tokens": tokens, "captions": PROMPTS * 4, "skipped": 0, "skipped_examples": []}
     model.eval()
+    torch.manual_seed(0)  # evaluation draws its timesteps and noise from a freshly seeded RNG, as the Trainer does
     before = loss_fn(model, batch)[0].item()
     model.train()
     for _ in range(40):
@@ -183,7 +181,7 @@ def test_a_few_training_steps_learn_the_clean_embedding():
         loss.backward()
         optimizer.step()
     model.eval()
-    loss_fn.restart_validation()
+    torch.manual_seed(0)
     assert loss_fn(model, batch)[0].item() < 0.7 * before
     # from almost pure noise the prediction is near the clean embeddings, far from x_t
     t = torch.tensor([99] * 8)

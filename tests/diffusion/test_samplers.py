@@ -4,7 +4,16 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from mmgen.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, inference_timesteps, sample_loop
+from mmgen.diffusion import (
+    SAMPLERS,
+    DDIMSampler,
+    DDPMSampler,
+    NoiseSchedule,
+    SamplerConfig,
+    inference_timesteps,
+    sample_loop,
+)
+from mmgen.errors import UserError
 
 SHAPE = (2, 3, 8, 8)
 BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
@@ -226,3 +235,54 @@ def test_ddpm_loop_with_oracle_ends_exactly_on_x0():
 def test_sample_loop_checks_x_T_shape():
     with pytest.raises(ValueError, match="x_T has shape"):
         sample_loop(lambda x, t: x, DDIMSampler(NoiseSchedule()), SHAPE, num_inference_steps=5, x_T=torch.randn(1, 3))
+
+
+def test_sampler_config_builds_each_kind_as_configured():
+    schedule = NoiseSchedule(num_train_timesteps=100)
+    ddim = SamplerConfig(steps=7, eta=0.5).build(schedule, sample_range=4.0)
+    assert type(ddim) is DDIMSampler and ddim.eta == 0.5 and ddim.clip_sample and ddim.clip_sample_range == 4.0
+    assert ddim.timesteps.tolist() == inference_timesteps(100, 7, "trailing").tolist()
+    ddpm = SamplerConfig(kind="ddpm", steps=5, spacing="leading", clip_sample=False).build(schedule)
+    assert type(ddpm) is DDPMSampler and not ddpm.clip_sample and ddpm.timestep_spacing == "leading"
+    assert ddpm.timesteps.tolist() == [80, 60, 40, 20, 0]
+    assert SamplerConfig(clip_sample_range=1.5).build(schedule, sample_range=4.0).clip_sample_range == 1.5
+    assert set(SAMPLERS) == {"ddim", "ddpm"} and all(SAMPLERS[kind].takes_eta == (kind == "ddim") for kind in SAMPLERS)
+
+
+def test_sampler_config_override_keeps_what_is_not_given():
+    config = SamplerConfig(steps=64, clip_sample=False)
+    assert config.override(kind=None, steps=None, eta=None) == config
+    assert config.override(kind="ddpm", steps=3) == SamplerConfig(kind="ddpm", steps=3, clip_sample=False)
+
+
+def test_a_built_sampler_samples_without_a_step_count():
+    schedule = NoiseSchedule(num_train_timesteps=50, prediction_type="sample")
+    x0 = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    config = SamplerConfig(kind="ddpm", steps=6)
+    built = sample_loop(oracle(schedule, x0), config.build(schedule), SHAPE, progress=False,
+                        generator=torch.Generator().manual_seed(0))
+    by_hand = DDPMSampler(schedule, clip_sample=True, timestep_spacing="trailing")
+    expected = sample_loop(oracle(schedule, x0), by_hand, SHAPE, num_inference_steps=6, progress=False,
+                           generator=torch.Generator().manual_seed(0))
+    assert torch.equal(built, expected)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sample_loop(oracle(schedule, x0), DDIMSampler(schedule), SHAPE, progress=False)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(kind="euler"), "unknown sampler 'euler' \\(choose from ddim, ddpm\\)"),
+    (dict(steps=0), "^steps must lie between 1 and the model's 100 training timesteps, got 0$"),
+    (dict(steps=101), "^steps must lie between 1 and the model's 100 training timesteps, got 101$"),
+    (dict(eta=-0.1), "^eta must be >= 0 and is a DDIM option, got -0.1 with ddim$"),
+    (dict(kind="ddpm", eta=0.5), "^eta must be >= 0 and is a DDIM option, got 0.5 with ddpm$"),
+    (dict(spacing="uniform"), "unknown timestep spacing 'uniform'"),
+    (dict(clip_sample_range=0.0), "clip_sample_range must be positive"),
+])
+def test_bad_sampler_configs_are_one_line_user_errors(options, message):
+    with pytest.raises(UserError, match=message):
+        SamplerConfig(**options).build(NoiseSchedule(num_train_timesteps=100))
+
+
+def test_the_steps_error_names_the_stage():
+    with pytest.raises(UserError, match="^prior steps must lie between 1 and the model's 100"):
+        SamplerConfig(steps=0).build(NoiseSchedule(num_train_timesteps=100), label="prior ")

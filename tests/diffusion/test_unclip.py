@@ -38,7 +38,7 @@ def test_the_image_embedding_enters_as_context_tokens_and_pooled_vector(decoder)
     tokens = tokenize_prompts(PROMPTS, decoder.context_length)
     output = decoder(x, t, embedding, tokens)
     assert output.shape == x.shape
-    condition = decoder.condition(embedding, tokens)
+    condition = decoder.encode_condition(embedding, tokens)
     assert torch.equal(decoder.denoise(x, t, condition), output)
     # both paths carry the embedding: the context tokens and the pooled vector added to the timestep embedding
     captured = {}
@@ -57,7 +57,7 @@ def test_the_image_embedding_enters_as_context_tokens_and_pooled_vector(decoder)
     # no tokens: the empty prompt; the null condition is a zero embedding with it
     empty = tokenize_prompts(["", ""], decoder.context_length)
     assert torch.equal(decoder(x, t, embedding), decoder(x, t, embedding, empty))
-    null = decoder.unconditional(2)
+    null = decoder.null_condition(2)
     assert not null.image_embedding.any()
     assert torch.equal(null.text.token_states, decoder.encode_text(empty).token_states)
 
@@ -65,7 +65,7 @@ def test_the_image_embedding_enters_as_context_tokens_and_pooled_vector(decoder)
 def test_a_decoder_without_text_reads_only_the_embedding():
     decoder = tiny_decoder(text_conditioning=False)
     x, t, embedding = torch.randn(2, 3, 8, 8), torch.tensor([3, 90]), torch.randn(2, 48)
-    assert decoder.condition(embedding).text is None
+    assert decoder.encode_condition(embedding).text is None
     assert decoder(x, t, embedding).shape == x.shape
     with pytest.raises(ValueError, match="no text conditioning"):
         decoder(x, t, embedding, tokenize_prompts(PROMPTS, decoder.context_length))
@@ -74,7 +74,7 @@ def test_a_decoder_without_text_reads_only_the_embedding():
 
 
 def test_encode_image_reads_minus_one_to_one_pixels_of_any_size(decoder):
-    from mmgen.data.images import CLIP_MEAN, CLIP_STD
+    from mmgen.clip.preprocess import CLIP_MEAN, CLIP_STD
 
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]

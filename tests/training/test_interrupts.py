@@ -37,3 +37,13 @@ def test_data_loader_workers_leave_stop_signals_to_the_main_process():
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def test_fp16_on_cpu_says_once_that_it_trains_in_fp32(capsys):
+    from mmgen.text import GPT, GPTConfig
+    from mmgen.training import TrainConfig, Trainer
+
+    model = GPT(GPTConfig(vocab_size=11, context_length=8, num_layers=1, num_heads=2, dim=16))
+    Trainer(model, TrainConfig(mixed_precision="fp16"), "unused", loss_fn=None, train_dataset=[])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "fp16" in line]
+    assert len(lines) == 1 and "no effect on CPU" in lines[0]
