@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import UserError
 from ..hub import PretrainedMixin
 from ..nn import LearnedPositions, Transformer
 from ..nn.mlp import MLPKind
@@ -98,7 +97,7 @@ def clip_config(name: str) -> CLIPConfig:
     base, quick = (name[: -len("-quickgelu")], True) if name.endswith("-quickgelu") else (name, False)
     if base not in _PRESETS:
         known = ", ".join(list(_PRESETS) + [f"{n}-quickgelu" for n in _PRESETS])
-        raise UserError(f"unknown CLIP size {name!r} (known: {known})")
+        raise ValueError(f"unknown CLIP size {name!r} (known: {known})")
     embed_dim, vision, text = _PRESETS[base]
     return CLIPConfig(
         embed_dim=embed_dim,
