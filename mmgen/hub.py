@@ -12,7 +12,7 @@ from .config import from_dict, to_dict
 from .errors import CheckpointError, ConfigError
 from .io import atomic_folder, load_tensors, read_json, save_tensors, write_json
 from .memory import check_fits
-from .run_folder import EMA_WEIGHTS_FILE, RunFolder
+from .run_folder import EMA_WEIGHTS_FILE, RunFolder, check_format, version_record
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -50,7 +50,8 @@ class PretrainedMixin:
 
     def write_pretrained(self, folder: Path) -> None:
         """Write config.json and model.safetensors into an existing folder (not atomic on its own)."""
-        write_json(folder / CONFIG_NAME, {"model_type": self.model_type, "config": to_dict(self.config)})
+        write_json(folder / CONFIG_NAME, {"model_type": self.model_type, "config": to_dict(self.config),
+                                          **version_record()})
         save_tensors(folder / WEIGHTS_NAME, _unshared_state_dict(self))
 
     @classmethod
@@ -132,6 +133,7 @@ def read_model_config(folder: Path) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
     meta = read_json(folder / CONFIG_NAME)
+    check_format(meta, folder / CONFIG_NAME)
     model_type = meta.get("model_type")
     if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise CheckpointError(f"{folder / CONFIG_NAME}: unknown model_type {model_type!r} (known: {', '.join(MODEL_TYPES)})")

@@ -36,6 +36,10 @@ FINAL_FOLDER = "final"
 TRAINER_STATE_FILE = "trainer_state.json"
 EMA_WEIGHTS_FILE = "ema.safetensors"  # in a checkpoint: the EMA of the trainable weights (mmgen.training.ema)
 
+# the layout version of model folders and checkpoints this mmgen writes; bump it when an older mmgen could no longer
+# read what a newer one writes, so that the older one says so in one line instead of failing somewhere inside
+FORMAT_VERSION = 1
+
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 _TEMPORARY_NAMES = (re.compile(r"\.step-\d+\.(tmp|old)"), re.compile(r"\.final\.(tmp|old)-.*"))
 _HELD_LOCKS: dict[Path, int] = {}  # resolved run folder -> open file descriptor holding its flock
@@ -157,13 +161,14 @@ class RunFolder:
     # ------------------------------------------------------------------ trainer state
     @staticmethod
     def write_state(folder: Path, state: dict) -> None:
-        """Write a checkpoint's trainer_state.json (step, processes, ...)."""
-        write_json(folder / TRAINER_STATE_FILE, state)
+        """Write a checkpoint's trainer_state.json (step, processes, ...) with the version of mmgen writing it."""
+        write_json(folder / TRAINER_STATE_FILE, {**state, **version_record()})
 
     @staticmethod
     def read_state(folder: Path) -> dict:
-        """A checkpoint's trainer_state.json; one without a step is a CheckpointError."""
+        """A checkpoint's trainer_state.json; one without a step, or of a newer format, is a CheckpointError."""
         state = read_json(folder / TRAINER_STATE_FILE)
+        check_format(state, folder / TRAINER_STATE_FILE)
         if not isinstance(state.get("step"), int):
             raise CheckpointError(f"{folder / TRAINER_STATE_FILE}: no step recorded")
         return state
@@ -209,6 +214,25 @@ class RunFolder:
     def is_locked_here(self) -> bool:
         """True when this process holds the folder's lock."""
         return self.path.resolve() in _HELD_LOCKS
+
+
+def version_record() -> dict:
+    """What every config.json and checkpoint records of the mmgen that wrote it."""
+    from . import __version__
+
+    return {"mmgen_version": __version__, "format_version": FORMAT_VERSION}
+
+
+def check_format(record: dict, path: Path) -> None:
+    """Refuse, in one line, a file written in a newer format than this mmgen reads (no record: format 1)."""
+    from . import __version__
+
+    written = record.get("format_version", 1)
+    if not isinstance(written, int) or isinstance(written, bool):
+        raise CheckpointError(f"{path}: format_version must be an integer, got {written!r}")
+    if written > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by mmgen {record.get('mmgen_version', '?')} in format {written}; "
+                              f"this mmgen ({__version__}) reads format {FORMAT_VERSION} at most: upgrade mmgen")
 
 
 def check_output_path(path: str | Path, flag: str = "--out") -> bool:
