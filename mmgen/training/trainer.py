@@ -221,7 +221,7 @@ class Trainer(Checkpoints):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 step_loss = self._accumulate_gradients(model, train_batches, window_extras)
-                if check_every_step and not torch.isfinite(step_loss):
+                if check_every_step and not self._finite_everywhere(step_loss):
                     self._diverged(self.step + 1, step_loss.item())  # before the update: the weights stay good
                 if config.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -301,6 +301,14 @@ class Trainer(Checkpoints):
             accelerator.backward(loss)
             step_loss += loss.detach().float()
         return step_loss
+
+    def _finite_everywhere(self, step_loss: torch.Tensor) -> bool:
+        """Whether the step's loss is finite on every process (all must stop at the same step, or none)."""
+        finite = bool(torch.isfinite(step_loss))
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(not finite), device=self.accelerator.device)
+            finite = self.accelerator.reduce(flag, reduction="sum").item() == 0
+        return finite
 
     def _stop_requested(self) -> bool:
         """Whether a stop signal reached any process (all processes must stop at the same step)."""
