@@ -1,5 +1,6 @@
 """The Trainer's checkpoint half: checkpoints and final/ written atomically through the run folder, never from a
-non-finite state, with a full disk reported in one line; and a checkpoint read back on resume."""
+non-finite state, with a full disk reported in one line; and a checkpoint read back on resume (model, optimizer, EMA,
+RNG, step and fp16's grad scaler)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,10 @@ class Checkpoints:
                 optimizer_to_files(self.optimizer, staging)
                 if self.ema is not None:
                     self.ema.save(staging)
-                self.run.write_state(staging, {"step": step, "num_processes": accelerator.num_processes})
+                state = {"step": step, "num_processes": accelerator.num_processes}
+                if accelerator.scaler is not None:  # fp16's loss scale: resuming without it restarts at 65536
+                    state["grad_scaler"] = accelerator.scaler.state_dict()
+                self.run.write_state(staging, state)
             if failure is None:
                 rng_to_file(staging / f"rng-{accelerator.process_index}.safetensors")
         except OSError as error:
@@ -115,6 +119,8 @@ class Checkpoints:
         if self.ema is not None:
             self.ema.load(folder, self.model)
         self.step = state["step"]
+        if self.accelerator.scaler is not None and state.get("grad_scaler"):
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         rng_file = folder / f"rng-{self.accelerator.process_index}.safetensors"
         if rng_file.exists():
             rng_from_file(rng_file)

@@ -149,7 +149,8 @@ def test_sigterm_from_outside_exits_75_with_one_line_and_the_run_resumes(tmp_pat
     assert len(lines) == 1 and "SIGTERM" in lines[0] and f"--resume {run}" in lines[0], stderr
     latest = RunFolder(run).latest()
     assert latest is not None and torch.isfinite(mmgen.load(latest).lm_head.weight).all()
-    assert cli.main(["train", "lm", "--resume", str(run), f"train.max_steps={RunFolder.read_state(latest)['step'] + 2}"]) == 0
+    steps = RunFolder.read_state(latest)["step"] + 2
+    assert cli.main(["train", "lm", "--resume", str(run), f"train.max_steps={steps}"]) == 0
 
 
 # ---------------------------------------------------------------------------- NaN

@@ -47,3 +47,4 @@ def test_fp16_on_cpu_says_once_that_it_trains_in_fp32(capsys):
     Trainer(model, TrainConfig(mixed_precision="fp16"), "unused", loss_fn=None, train_dataset=[])
     lines = [line for line in capsys.readouterr().err.splitlines() if "fp16" in line]
     assert len(lines) == 1 and "no effect on CPU" in lines[0]
+
