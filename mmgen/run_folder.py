@@ -259,6 +259,7 @@ def new_output_folder(target: str | Path):
     replacing the first one's files; if the body raises, nothing is left behind (an empty `target` we created is
     removed)."""
     target = Path(target)
+    check_output_path(target)  # a file, or a path under one, is one line before anything is created
     RunFolder(target).lock()
     staging = None
     try:

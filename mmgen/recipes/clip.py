@@ -177,7 +177,7 @@ def batched(encode, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> CLIP:
     """Train CLIP as `mmgen train clip` does; returns the model."""
-    run = RecipeRun(CLIPRecipe, config_path, overrides, run_dir, resume)
+    run = RecipeRun.open(CLIPRecipe, config_path, overrides, run_dir, resume)
     recipe = run.recipe
     train_set, val_set = build_datasets(recipe, run.state.process_index, run.state.num_processes, run.progress)
     evaluation = HeldOutEvaluation(recipe) if run.state.is_main_process else None

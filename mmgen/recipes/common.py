@@ -71,20 +71,17 @@ class RecipeRun:
     """One training run of a recipe, the part every recipe's train() shares: the validated config (the run's own
     config.yaml when resuming), the run folder checked and locked, the seeded model, the Trainer.
 
-    A recipe reads top to bottom: `run = RecipeRun(...)`, its data, `model = run.build_model(...)`, its objective,
+    A recipe reads top to bottom: `run = RecipeRun.open(...)`, its data, `model = run.build_model(...)`, its objective,
     `return run.fit(model, loss_fn=..., ...)`."""
 
-    def __init__(self, schema: type, config_path, overrides, run_dir, resume: bool):
-        self.folder = RunFolder(run_dir)
-        self.resume = resume
-        self.recipe, self.state = open_run(schema, config_path, overrides, self.folder.path, resume)
+    def __init__(self, recipe, state, run_dir, resume: bool):
+        self.recipe, self.state, self.folder, self.resume = recipe, state, RunFolder(run_dir), resume
 
     @classmethod
-    def claimed(cls, recipe, state, run_dir, resume: bool) -> "RecipeRun":
-        """The run of a recipe already validated and a folder already claimed (fine-tuning checks its base first)."""
-        run = cls.__new__(cls)
-        run.folder, run.resume, run.recipe, run.state = RunFolder(run_dir), resume, recipe, state
-        return run
+    def open(cls, schema: type, config_path, overrides, run_dir, resume: bool) -> "RecipeRun":
+        """Validate the config (the run's own config.yaml when resuming) and claim the run folder."""
+        recipe, state = open_run(schema, config_path, overrides, Path(run_dir), resume)
+        return cls(recipe, state, run_dir, resume)
 
     @property
     def progress(self) -> bool:

@@ -95,7 +95,7 @@ def new_model(section: DecoderModelSection) -> UnCLIPDecoder:
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> UnCLIPDecoder:
     """Train an unCLIP decoder as `mmgen train decoder` does; returns the (EMA) model."""
-    run = RecipeRun(DecoderRecipe, config_path, overrides, run_dir, resume)
+    run = RecipeRun.open(DecoderRecipe, config_path, overrides, run_dir, resume)
     recipe = run.recipe
     # a checkpoint holds the CLIP: resuming does not need the CLIP folder
     model = run.build_model(lambda: new_model(recipe.model), UnCLIPDecoder)

@@ -204,7 +204,7 @@ def check_model_section(clip: CLIP, vae: VAE | None, section: DiffusionModelSect
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
           schema: type = DiffusionRecipe) -> TextToImage:
     """Train a text-to-image model as `mmgen train diffusion` does (a `schema` config); returns the (EMA) model."""
-    run = RecipeRun(schema, config_path, overrides, run_dir, resume)
+    run = RecipeRun.open(schema, config_path, overrides, run_dir, resume)
     recipe = run.recipe
     clip = vae = None
     if run.checkpoint() is None:  # a checkpoint holds the text encoder and VAE: resuming needs neither folder

@@ -63,7 +63,7 @@ def start(schema: type, model_class: type, config_path, run_dir, overrides, resu
         target_layers(model, recipe.lora.targets)
         if recipe.method == "qlora":
             require_bitsandbytes()
-    return RecipeRun.claimed(recipe, state, run_dir, resume), model, folder
+    return RecipeRun(recipe, state, run_dir, resume), model, folder
 
 
 def adapt(model, recipe: FinetuneConfig, save_model: Callable = default_save) -> tuple[Callable, Callable]:

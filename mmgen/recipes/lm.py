@@ -79,7 +79,7 @@ def saver(tokenizer, save=default_save):
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False):
     """Train a GPT as `mmgen train lm` does; returns (model, tokenizer)."""
     refuse_vocabulary_override(overrides)
-    run = RecipeRun(LMRecipe, config_path, overrides, run_dir, resume)
+    run = RecipeRun.open(LMRecipe, config_path, overrides, run_dir, resume)
     recipe = run.recipe
     text = read_corpus(recipe.data.path)
     if resume and (run.folder.final / TOKENIZER_FILE).exists():

@@ -116,7 +116,7 @@ def new_model(section: PriorModelSection) -> DiffusionPrior:
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> DiffusionPrior:
     """Train a diffusion prior as `mmgen train prior` does; returns the (EMA) model."""
-    run = RecipeRun(PriorRecipe, config_path, overrides, run_dir, resume)
+    run = RecipeRun.open(PriorRecipe, config_path, overrides, run_dir, resume)
     recipe = run.recipe
     # a checkpoint holds the CLIP: resuming does not need the CLIP folder
     model = run.build_model(lambda: new_model(recipe.model), DiffusionPrior)

@@ -8,7 +8,7 @@ from ..data.images import make_grid
 from ..errors import UserError
 from ..io import write_json
 from ..pipelines.text2img import TextToImagePipeline
-from ..run_folder import new_output_folder
+from ..run_folder import check_output_path, new_output_folder
 
 
 def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_prompt: int = 4, clip_model=None,
@@ -17,7 +17,7 @@ def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_pro
 
     `options` go to TextToImagePipeline.__call__. An existing OUT_DIR that holds files is refused, never overwritten.
     """
-    out_dir = check_out_dir(out_dir)
+    out_dir = Path(out_dir)
     with new_output_folder(out_dir) as staging:
         pipeline = on_device(device, lambda: TextToImagePipeline.from_pretrained(checkpoint, clip_model=clip_model,
                                                                                  device=device, adapter=adapter))
@@ -30,13 +30,10 @@ def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_pro
 
 
 def check_out_dir(out_dir) -> Path:
-    """OUT_DIR as a Path; a file, or a folder that holds files, is refused (nothing is ever overwritten).
-
-    The early check only saves a wasted run: `new_output_folder` locks OUT_DIR and checks again."""
+    """OUT_DIR as a Path; a file, or a folder that holds files, is refused (nothing is ever overwritten). For work
+    done before `new_output_folder` (which locks OUT_DIR and checks again) that a taken OUT_DIR would waste."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file, not a folder; choose another --out")
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if check_output_path(out_dir):
         raise UserError(f"{out_dir} already exists and is not empty; choose another --out (nothing is overwritten)")
     return out_dir
 

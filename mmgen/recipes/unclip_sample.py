@@ -25,7 +25,7 @@ def sample_unclip_images(prior, decoder, prompts: list[str], out_dir, *, num_ima
 
     `options` go to UnCLIPPipeline.__call__. An existing OUT_DIR that holds files is refused, never overwritten.
     """
-    out_dir = check_out_dir(out_dir)
+    out_dir = Path(out_dir)
     with new_output_folder(out_dir) as staging:
         pipeline = on_device(device, lambda: UnCLIPPipeline.from_pretrained(prior, decoder, device=device))
         images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)

@@ -166,7 +166,7 @@ class VAEEvaluation:
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> VAE:
     """Train a VAE as `mmgen train vae` does; returns the (EMA) model (its config holds the measured scaling factor)."""
-    run = RecipeRun(VAERecipe, config_path, overrides, run_dir, resume)
+    run = RecipeRun.open(VAERecipe, config_path, overrides, run_dir, resume)
     recipe = run.recipe
     train_set, val_set = run.caption_datasets(recipe.model.image_size, "minus_one_to_one", recipe.data.shapes_options())
     train_set, val_set = robust(train_set), robust(val_set)

@@ -21,7 +21,7 @@ from .metrics import truncate_metrics
 
 class Checkpoints:
     """Mixed into the Trainer, whose attributes it uses: accelerator, run (RunFolder), run_dir, config, model,
-    optimizer, ema, step, save_fn, load_fn, _window_loss and _model_to_keep()."""
+    optimizer, ema, step, save_fn, load_fn, _window_loss, _model_to_keep() and _on_any_process()."""
 
     def _diverged(self, step: int, loss: float):
         """Stop on a non-finite loss, naming the last good checkpoint (nothing is written from this state)."""
@@ -34,11 +34,8 @@ class Checkpoints:
         """Refuse to save a state whose loss window or trainable weights hold NaN / inf."""
         parameters = [p.detach() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
         norms = torch.stack([norm.float() for norm in torch._foreach_norm(parameters)]) if parameters else None
-        finite = torch.isfinite(self._window_loss).all() and (norms is None or torch.isfinite(norms).all())
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(float(not finite), device=self.accelerator.device)
-            finite = self.accelerator.reduce(flag, reduction="sum").item() == 0
-        if not finite:
+        finite = bool(torch.isfinite(self._window_loss).all()) and (norms is None or bool(torch.isfinite(norms).all()))
+        if self._on_any_process(not finite):
             self._diverged(self.step, float("nan"))
 
     def save_checkpoint(self) -> Path:
@@ -70,7 +67,7 @@ class Checkpoints:
                 rng_to_file(staging / f"rng-{accelerator.process_index}.safetensors")
         except OSError as error:
             failure = error
-        if self._failed_anywhere(failure):
+        if self._on_any_process(failure is not None):
             if accelerator.is_main_process:
                 self.run.discard_staging(step)
             latest = self.run.latest()
@@ -82,14 +79,6 @@ class Checkpoints:
             self.run.prune(self.config.keep_checkpoints)
         accelerator.wait_for_everyone()
         return self.run.checkpoint(step)
-
-    def _failed_anywhere(self, failure: Exception | None) -> bool:
-        """Whether any process failed (every process must take the same branch after a barrier)."""
-        failed = failure is not None
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(float(failed), device=self.accelerator.device)
-            failed = self.accelerator.reduce(flag, reduction="sum").item() > 0
-        return failed
 
     def save_final(self) -> Path:
         """Write RUN_DIR/final (config.json + model.safetensors + recipe files; the EMA weights if on) atomically."""
@@ -103,7 +92,7 @@ class Checkpoints:
                     self.save_fn(self._model_to_keep(), staging)
             except OSError as error:
                 failure = error
-        if self._failed_anywhere(failure):
+        if self._on_any_process(failure is not None):
             latest = self.run.latest()
             reason = f"{failure.strerror or failure}" if failure is not None else "it failed on another process"
             raise UserError(f"could not write {folder}: {reason}; "

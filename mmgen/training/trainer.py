@@ -221,7 +221,7 @@ class Trainer(Checkpoints):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 step_loss = self._accumulate_gradients(model, train_batches, window_extras)
-                if check_every_step and not self._finite_everywhere(step_loss):
+                if check_every_step and self._on_any_process(not bool(torch.isfinite(step_loss))):
                     self._diverged(self.step + 1, step_loss.item())  # before the update: the weights stay good
                 if config.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -265,7 +265,7 @@ class Trainer(Checkpoints):
                     self.save_checkpoint()
                     saved = True
                     window_start = time.perf_counter()
-                if self.step < config.max_steps and self._stop_requested():
+                if self.step < config.max_steps and self._on_any_process(self.stop.requested is not None):
                     self._stop(saved)
         except KeyboardInterrupt:  # a second Ctrl-C, or no handler could be installed: the step may be half done
             latest = self.run.latest()
@@ -302,21 +302,13 @@ class Trainer(Checkpoints):
             step_loss += loss.detach().float()
         return step_loss
 
-    def _finite_everywhere(self, step_loss: torch.Tensor) -> bool:
-        """Whether the step's loss is finite on every process (all must stop at the same step, or none)."""
-        finite = bool(torch.isfinite(step_loss))
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(float(not finite), device=self.accelerator.device)
-            finite = self.accelerator.reduce(flag, reduction="sum").item() == 0
-        return finite
-
-    def _stop_requested(self) -> bool:
-        """Whether a stop signal reached any process (all processes must stop at the same step)."""
-        requested = self.stop.requested is not None
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor(float(requested), device=self.accelerator.device)
-            requested = self.accelerator.reduce(flag, reduction="sum").item() > 0
-        return requested
+    def _on_any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process: every process must take the same branch (stop, or save, at the same
+        step), or the others wait forever in their next collective."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        count = torch.tensor(float(flag), device=self.accelerator.device)
+        return self.accelerator.reduce(count, reduction="sum").item() > 0
 
     def _stop(self, saved: bool):
         """Checkpoint (unless this step just was) and leave with Interrupted, naming --resume."""
