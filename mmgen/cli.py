@@ -1,8 +1,9 @@
-"""The `mmgen` command: train, finetune, sample, convert. Errors a user can cause are one line and a non-zero exit.
+"""The `mmgen` command: train, finetune, sample, convert, export. Errors a user can cause are one line and a non-zero
+exit.
 
 This module builds the parser and dispatches to a handler: mmgen/cli_train.py for the commands that write a model
-folder, mmgen/cli_sample.py for those that use one; `mmgen train/finetune NAME` come from the recipe table in
-mmgen/commands.py. Nothing imported here imports torch, so `mmgen --help` is fast.
+folder, mmgen/cli_sample.py for those that use one, mmgen/cli_export.py for `export`; `mmgen train/finetune NAME`
+come from the recipe table in mmgen/commands.py. Nothing imported here imports torch, so `mmgen --help` is fast.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli_data import add_split_command
+from .cli_estimate import add_estimate_command
+from .cli_export import run_export
 from .cli_sample import run_eval, run_sample, run_zeroshot
 from .cli_train import run_convert, run_finetune, run_merge_lora, run_quickstart, run_train
 from .commands import recipes
@@ -76,6 +80,19 @@ def _unit_float(text: str) -> float:
     return value
 
 
+class _SamplerKinds:
+    """The --sampler choices: the kinds of mmgen.diffusion.samplers.SAMPLERS, read when first needed (that module
+    imports torch, which building the parser must not)."""
+
+    def __iter__(self):
+        from .diffusion.samplers import SAMPLERS
+
+        return iter(SAMPLERS)
+
+    def __contains__(self, kind) -> bool:
+        return kind in list(self)
+
+
 # Arguments several commands share, each defined once.
 
 def _add_checkpoint(parser: argparse.ArgumentParser, help: str = "RUN_DIR, RUN_DIR/final or a model folder") -> None:
@@ -112,9 +129,11 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_diffusion_sampling(parser: argparse.ArgumentParser, n_help: str) -> None:
     """The sampler options, --seed, --out and --device of `sample text2img` and `sample variations`."""
     parser.add_argument("--n", type=_positive_int, default=4, help=n_help)
-    parser.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    parser.add_argument("--sampler", choices=_SamplerKinds(), default="ddim", metavar="KIND",
+                        help="%(choices)s (dpm++: DPM-Solver++(2M), good in 20-25 steps; default %(default)s)")
     parser.add_argument("--steps", type=_positive_int, default=50)
-    parser.add_argument("--guidance", type=_non_negative_float, default=3.0, help="classifier-free guidance")
+    parser.add_argument("--guidance", type=_non_negative_float,
+                        help="classifier-free guidance (default: the model's own, stored by its training run; else 3)")
     parser.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
     _add_seed(parser)
     _add_new_out(parser, help="new folder for grid.png and one PNG per image")
@@ -131,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clip_commands(commands)
     _add_quickstart(commands)
     _add_convert(commands)
+    _add_export(commands)
+    add_estimate_command(commands)
+    add_split_command(commands)
     return parser
 
 
@@ -180,6 +202,12 @@ def _add_sample(commands) -> None:
                           "\\n in TEXT is a newline")
     template.add_argument("--template-file", metavar="FILE", help="the template read from a file, as it is")
 
+    sample_mlm = sample_models.add_parser("mlm", help="fill in [MASK] tokens with a masked language model")
+    _add_checkpoint(sample_mlm)
+    sample_mlm.add_argument("--text", required=True, help='text with one or more [MASK], e.g. "To be, or not to [MASK]"')
+    sample_mlm.add_argument("--top-k", type=_positive_int, default=5, help="fills to show per [MASK]")
+    _add_device(sample_mlm)
+
     text2img = sample_models.add_parser("text2img", help="generate images from a text-to-image diffusion run")
     _add_checkpoint(text2img)
     text2img.add_argument("--prompt", action="append", required=True, dest="prompts", metavar="TEXT",
@@ -192,6 +220,14 @@ def _add_sample(commands) -> None:
                           help="apply classifier-free guidance only at timesteps T_LOW..T_HIGH")
     text2img.add_argument("--clip-guidance", type=_non_negative_float, default=0.0, help="CLIP guidance scale")
     text2img.add_argument("--clip-model", help="CLIP folder for --clip-guidance (default: the text encoder)")
+    text2img.add_argument("--negative-prompt", action="append", dest="negative_prompts", metavar="TEXT",
+                          help="what guidance steers away from, in place of the empty prompt: one for all prompts, or "
+                               "one per --prompt (repeatable)")
+    text2img.add_argument("--height", type=_positive_int, help="image height (default: the model's image size; a "
+                          "multiple of its downsampling, e.g. 64 for SD)")
+    text2img.add_argument("--width", type=_positive_int, help="image width (as --height)")
+    text2img.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                          help="precision the model samples in (its weights are cast; the sampler stays fp32)")
     _add_adapter(text2img)
     text2img.add_argument("--decoder", metavar="DECODER_RUN", help="unCLIP: --checkpoint is a prior run, this its "
                           "decoder (run or model folder); --sampler, --steps, --guidance, --eta are the decoder's")
@@ -255,9 +291,15 @@ def _add_convert(commands) -> None:
     sources = (
         ("gpt2", "a transformers GPT-2 folder -> mmgen GPT folder",
          "folder written by GPT2LMHeadModel.save_pretrained"),
+        ("bert", "a transformers BERT / DistilBERT masked-LM folder -> mmgen masked-LM folder",
+         "folder written by BertForMaskedLM or DistilBertForMaskedLM.save_pretrained"),
         ("open-clip", "an open_clip model -> mmgen CLIP folder", "open_clip model name, e.g. ViT-B-32"),
         ("diffusers-vae", "a diffusers AutoencoderKL folder -> mmgen VAE folder",
          "folder written by AutoencoderKL.save_pretrained (or a pipeline folder with vae/)"),
+        ("hf-clip", "a transformers CLIPModel / CLIPTextModel folder -> mmgen CLIP folder",
+         "folder written by CLIPModel.save_pretrained (or a Stable Diffusion folder with text_encoder/)"),
+        ("stable-diffusion", "a diffusers Stable Diffusion 1.x / 2.x folder -> mmgen text2img folder",
+         "local diffusers folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"),
     )
     for source, help_text, model_help in sources:
         source_parser = convert_from.add_parser(source, help=help_text)
@@ -266,6 +308,24 @@ def _add_convert(commands) -> None:
             source_parser.add_argument("--pretrained",
                                        help="a local checkpoint FILE or an open_clip tag (needs internet)")
         _add_new_out(source_parser)
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser("export", help="write mmgen models in other libraries' formats")
+    export.set_defaults(run=run_export)
+    export_to = export.add_subparsers(dest="target", required=True, parser_class=_Parser)
+    open_clip = export_to.add_parser("open-clip", help="an mmgen CLIP -> open_clip local-dir folder "
+                                     "(open_clip_config.json + open_clip_model.safetensors)")
+    _add_checkpoint(open_clip, help="CLIP RUN_DIR, RUN_DIR/final or model folder")
+    _add_new_out(open_clip, help="new folder; open_clip loads it as local-dir:OUT")
+    peft = export_to.add_parser("peft", help="an mmgen LoRA adapter -> peft adapter folder (adapter_config.json + "
+                                "adapter_model.safetensors) for PeftModel.from_pretrained on the mmgen base")
+    peft.add_argument("--adapter", required=True, help="adapter folder or adapter run (RUN_DIR)")
+    _add_new_out(peft, help="new folder for the peft adapter")
+    diffusers = export_to.add_parser("stable-diffusion", help="an mmgen latent text2img model in SD's layout -> "
+                                     "diffusers StableDiffusionPipeline folder")
+    _add_checkpoint(diffusers, help="text2img RUN_DIR, RUN_DIR/final or model folder")
+    _add_new_out(diffusers, help="new folder; StableDiffusionPipeline.from_pretrained(OUT) loads it")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
-"""Reverse-process samplers (ancestral DDPM, DDIM), the sampler as a configuration (`SamplerConfig`, built through the
-`SAMPLERS` registry of kinds) and a sampling loop; they work with any network's output.
+"""Reverse-process samplers (ancestral DDPM, DDIM, DPM-Solver++(2M)), the sampler as a configuration
+(`SamplerConfig`, built through the `SAMPLERS` registry of kinds) and a sampling loop; they work with any network's
+output.
 
-Each sampler follows diffusers' DDPMScheduler / DDIMScheduler step for step (the tests check it), except for
-two diffusers quirks that are deliberately not copied:
+Each sampler follows diffusers' DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler step for step (the tests
+check it), except for two diffusers quirks that are deliberately not copied:
 - DDIM steps to the next timestep of its own schedule; diffusers steps to t - num_train_timesteps // steps,
   which is not the next timestep for "linspace" or non-dividing "trailing" spacing (diffusers issue #12633).
 - DDPM adds no noise on the last step, which lands on x0; diffusers adds it whenever t > 0, which with
@@ -102,11 +103,15 @@ class Sampler:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         """Choose the `num_inference_steps` timesteps that sampling will visit, into `timesteps`."""
-        self.timesteps = inference_timesteps(
-            self.schedule.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
-        )
+        self.timesteps = self.choose_timesteps(num_inference_steps)
         visited = self.timesteps.tolist()
         self._previous = dict(zip(visited, visited[1:] + [-1]))  # -1: the step lands on x0
+
+    def choose_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """The descending timesteps of `num_inference_steps` steps for this kind (DDPM and DDIM: inference_timesteps)."""
+        return inference_timesteps(
+            self.schedule.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
+        )
 
     def previous_timestep(self, t) -> int:
         """The timestep a step from t lands on; -1 for the last step."""
@@ -118,7 +123,10 @@ class Sampler:
 
     def denoised(self, model_output: torch.Tensor, t, x_t: torch.Tensor) -> torch.Tensor:
         """The x0 prediction, thresholded or clipped as configured."""
-        x0 = self.schedule.predict_x0(model_output, x_t, t)
+        return self.processed_x0(self.schedule.predict_x0(model_output, x_t, t))
+
+    def processed_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 thresholded or clipped as configured."""
         if self.thresholding:
             return dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         if self.clip_sample:
@@ -172,15 +180,21 @@ class DDPMSampler(Sampler):
 
 
 class DDIMSampler(Sampler):
-    """DDIM (Song et al. 2021): deterministic for eta = 0, as stochastic as DDPM's fixed_small for eta = 1."""
+    """DDIM (Song et al. 2021): deterministic for eta = 0, as stochastic as DDPM's fixed_small for eta = 1.
+
+    With x0 clipping or thresholding, epsilon is recomputed from the processed x0 (`use_clipped_model_output`, on by
+    default as in OpenAI's guided-diffusion; diffusers' default is off), so the step stays on the line between x_t
+    and the x0 it keeps."""
 
     takes_eta = True
 
-    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, set_alpha_to_one: bool = True, **options):
+    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, set_alpha_to_one: bool = True,
+                 use_clipped_model_output: bool = True, **options):
         super().__init__(schedule, **options)
         if eta < 0:
             raise ValueError(f"eta must not be negative, got {eta}")
         self.eta = eta
+        self.use_clipped_model_output = use_clipped_model_output
         # alpha_bar after the last step: exactly 1 (a clean x0) or that of timestep 0 (Stable Diffusion's choice)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else schedule.alphas_cumprod[0]
 
@@ -190,9 +204,15 @@ class DDIMSampler(Sampler):
         prev = self.previous_timestep(t)
         alpha_bar = self.schedule.alphas_cumprod[t]
         alpha_bar_prev = self.schedule.alphas_cumprod[prev] if prev >= 0 else self.final_alpha_cumprod
-        # epsilon comes from the unclipped prediction, as in diffusers' default (use_clipped_model_output=False)
-        epsilon = self.schedule.predict_epsilon(model_output, x_t, t)
         x0 = self.denoised(model_output, t, x_t)
+        if self.use_clipped_model_output and (self.clip_sample or self.thresholding):
+            # the epsilon that, with the clipped x0, gives back x_t (guided-diffusion's DDIM; diffusers'
+            # use_clipped_model_output=True). The unclipped epsilon would carry what clipping removed from x0 into
+            # x_prev: under classifier-free guidance that overshoot piles up step after step, and prompt fidelity
+            # collapses past guidance ~2 (docs/benchmarks.md, "Why guidance collapsed").
+            epsilon = (x_t - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5
+        else:
+            epsilon = self.schedule.predict_epsilon(model_output, x_t, t)
         variance = (1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)
         sigma = self.eta * variance**0.5
         x_prev = alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev - sigma**2) ** 0.5 * epsilon
@@ -201,8 +221,98 @@ class DDIMSampler(Sampler):
         return x_prev
 
 
+def solver_timesteps(
+    num_train_timesteps: int, num_inference_steps: int, spacing: TimestepSpacing = "leading", steps_offset: int = 0
+) -> torch.Tensor:
+    """Descending int64 timesteps where DPM-Solver evaluates the network, as diffusers' DPMSolverMultistepScheduler
+    chooses them: the solver's last step lands on the clean sample (sigma 0) by itself, so "leading" and "linspace"
+    split the range into num_inference_steps + 1 parts and skip the lowest point (no evaluation wasted near t = 0);
+    "trailing" is inference_timesteps' own."""
+    if spacing == "trailing":
+        return inference_timesteps(num_train_timesteps, num_inference_steps, spacing)
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be between 1 and num_train_timesteps ({num_train_timesteps}), "
+            f"got {num_inference_steps}"
+        )
+    if spacing == "linspace":
+        timesteps = np.linspace(0, num_train_timesteps - 1, num_inference_steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        timesteps = np.arange(num_inference_steps, 0, -1) * (num_train_timesteps // (num_inference_steps + 1))
+        timesteps = timesteps + steps_offset
+    else:
+        raise ValueError(f"unknown timestep_spacing {spacing!r} (expected leading, trailing or linspace)")
+    if len(np.unique(timesteps)) < len(timesteps) or timesteps[0] >= num_train_timesteps:
+        raise ValueError(f"{num_inference_steps} steps with {spacing} spacing and steps_offset {steps_offset} do not "
+                         f"give distinct timesteps below {num_train_timesteps}; take fewer steps or trailing spacing")
+    return torch.from_numpy(timesteps.astype(np.int64))
+
+
+MIN_ALPHA_CUMPROD = 2.0**-24  # float16's smallest subnormal: a zero-SNR timestep's alpha_bar for DPM-Solver
+
+
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2): a deterministic multistep solver of the
+    diffusion ODE in the data prediction x0 and the half log-SNR lambda = log(alpha / sigma), second order from the
+    x0 predictions of this step and the previous one; good images in 20-25 steps where DDIM needs about 50.
+
+    Step for step diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+    solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero"): the first step is first order (no
+    previous x0 yet) and so is the last, which lands on the x0 prediction itself (sigma 0). First order is DDIM.
+    """
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose the timesteps (`solver_timesteps`) and forget the previous step's x0."""
+        super().set_timesteps(num_inference_steps)
+        self._last_step: tuple[int, torch.Tensor] | None = None  # (timestep, its x0 prediction)
+
+    def choose_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """The solver's own timesteps (see solver_timesteps)."""
+        return solver_timesteps(
+            self.schedule.num_train_timesteps, num_inference_steps, self.timestep_spacing, self.steps_offset
+        )
+
+    def _alpha_sigma_lambda(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """alpha_t = sqrt(alpha_bar_t), sigma_t = sqrt(1 - alpha_bar_t) and lambda_t = log(alpha_t / sigma_t), float32;
+        computed through the noise-to-signal ratio sqrt((1 - alpha_bar) / alpha_bar) as diffusers does, with a
+        zero-SNR last timestep's alpha_bar = 0 taken as 2**-24 (diffusers' choice: lambda stays finite)."""
+        alpha_bar = self.schedule.alphas_cumprod[t]
+        if alpha_bar == 0:
+            alpha_bar = torch.tensor(MIN_ALPHA_CUMPROD)
+        noise_to_signal = ((1 - alpha_bar) / alpha_bar) ** 0.5
+        alpha = 1 / (noise_to_signal**2 + 1) ** 0.5
+        sigma = noise_to_signal * alpha
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+    def step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, generator=None, noise=None) -> torch.Tensor:
+        """One solver step from t to the next timestep (the x0 prediction itself after the last timestep)."""
+        t = int(t)
+        prev = self.previous_timestep(t)
+        alpha_s, sigma_s, lambda_s = self._alpha_sigma_lambda(t)
+        x0 = self.processed_x0(self._predict_x0(model_output.float(), x_t.float(), alpha_s, sigma_s))
+        last, self._last_step = self._last_step, (t, x0)
+        if prev < 0:
+            return x0
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma_lambda(prev)
+        h = lambda_t - lambda_s
+        direction = x0  # first order (DDIM): x0 held constant over the step
+        if last is not None and self.previous_timestep(last[0]) == t:
+            h_last = lambda_s - self._alpha_sigma_lambda(last[0])[2]
+            direction = x0 + 0.5 * (h / h_last) * (x0 - last[1])  # x0 extrapolated to the middle of the step
+        return (sigma_t / sigma_s) * x_t.float() - (alpha_t * (torch.exp(-h) - 1.0)) * direction
+
+    def _predict_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor
+                    ) -> torch.Tensor:
+        """The x0 the network's output implies, from the step's own alpha and sigma (see _alpha_sigma_lambda)."""
+        if self.schedule.prediction_type == "epsilon":
+            return (x_t - sigma * model_output) / alpha
+        if self.schedule.prediction_type == "sample":
+            return model_output
+        return alpha * x_t - sigma * model_output
+
+
 # the sampler kinds SamplerConfig.kind names; a new sampler is a Sampler subclass and an entry here
-SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "ddpm": DDPMSampler}
+SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "dpm++": DPMSolverSampler}
 
 
 @dataclass(frozen=True)
@@ -251,7 +361,10 @@ class SamplerConfig:
         if SAMPLERS[self.kind].takes_eta:
             options["eta"] = self.eta
         sampler = SAMPLERS[self.kind](schedule, **options)
-        sampler.set_timesteps(self.steps)
+        try:
+            sampler.set_timesteps(self.steps)
+        except ValueError as error:  # a step count this kind's spacing cannot split the schedule into
+            raise UserError(f"{label}{error}") from None
         return sampler
 
 

@@ -16,6 +16,7 @@ where the two differ (the identity without a VAE), so the loss, the samplers and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -36,8 +37,13 @@ class TextToImageConfig:
     """A UNet making images of `image_size`, a noise schedule, the text encoder's config and, for latent diffusion,
     the config of the VAE whose latents the UNet denoises (None: the UNet denoises pixels).
 
-    unet.context_dim must be the CLIP's text width and unet.pooled_dim its embed_dim (`from_text_encoder` sets both);
-    with a VAE, unet.in_channels must be its latent_channels and image_size a multiple of its downsampling factor.
+    unet.context_dim must be the CLIP's text width and unet.pooled_dim its embed_dim or None (`from_text_encoder`
+    sets both); with a VAE, unet.in_channels must be its latent_channels and image_size a multiple of its
+    downsampling factor.
+
+    How the text conditions the UNet: mask_text_padding (GLIDE's, and mmgen's default) hides the states after the
+    end-of-text token from cross-attention; Stable Diffusion attends to all of them (False). text_skip_layers takes the
+    text states of an earlier layer (SD's "clip skip"; SD 2's converted text encoder already ends at the penultimate).
     """
 
     image_size: int = 64
@@ -45,6 +51,9 @@ class TextToImageConfig:
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     text_encoder: CLIPConfig = field(default_factory=CLIPConfig)
     vae: VAEConfig | None = None
+    mask_text_padding: bool = True
+    text_skip_layers: int = 0
+    guidance_scale: float | None = None  # the model's default classifier-free guidance for sampling (None: 3.0)
 
     def __post_init__(self):
         factor = 2 ** (len(self.unet.channel_multipliers) - 1)  # the UNet's downsampling
@@ -63,10 +72,17 @@ class TextToImageConfig:
         if self.unet.out_channels != self.unet.in_channels:
             raise ValueError(f"unet.out_channels ({self.unet.out_channels}) must equal unet.in_channels "
                              f"({self.unet.in_channels}): the UNet predicts noise shaped like the image")
-        expected = {"context_dim": self.text_encoder.text.width, "pooled_dim": self.text_encoder.embed_dim}
-        for name, value in expected.items():
-            if getattr(self.unet, name) != value:
-                raise ValueError(f"unet.{name} is {getattr(self.unet, name)}, the text encoder needs {value}")
+        if self.unet.context_dim != self.text_encoder.text.width:
+            raise ValueError(f"unet.context_dim is {self.unet.context_dim}, the text encoder needs "
+                             f"{self.text_encoder.text.width}")
+        if self.unet.pooled_dim not in (None, self.text_encoder.embed_dim):
+            raise ValueError(f"unet.pooled_dim is {self.unet.pooled_dim}, the text encoder needs "
+                             f"{self.text_encoder.embed_dim} (or null: no pooled text embedding)")
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 or null, got {self.guidance_scale}")
+        if not 0 <= self.text_skip_layers < self.text_encoder.text.layers:
+            raise ValueError(f"text_skip_layers must lie in [0, {self.text_encoder.text.layers}) (the text encoder's "
+                             f"layers), got {self.text_skip_layers}")
 
     @property
     def channels(self) -> int:
@@ -175,10 +191,16 @@ class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin
             return samples
         return self.vae.decode_latents(samples)
 
+    @torch.no_grad()
+    def encode_condition(self, tokens: torch.Tensor) -> TextEncoding:
+        """The frozen CLIP's encoding of tokens (batch, context_length), from the layer text_skip_layers names."""
+        return self.text_encoder.encode_text_tokens(tokens, skip_last_layers=self.config.text_skip_layers)
+
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, text: TextEncoding) -> torch.Tensor:
         """The UNet's prediction (epsilon, x0 or v per the schedule) for x_t at timesteps t given encoded text."""
-        return self.unet(x_t, t, context=text.token_states, context_padding_mask=text.padding_mask,
-                         pooled=text.embedding)
+        mask = text.padding_mask if self.config.mask_text_padding else None
+        pooled = text.embedding if self.config.unet.pooled_dim is not None else None
+        return self.unet(x_t, t, context=text.token_states, context_padding_mask=mask, pooled=pooled)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Training entry point: encode `tokens` with the frozen CLIP, then denoise."""

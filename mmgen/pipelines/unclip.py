@@ -24,6 +24,8 @@ from ..hub import load_as
 # no clipping for the prior: scaled embeddings are not confined to [-1, 1] like pixels
 PRIOR_SAMPLER = SamplerConfig(steps=64, clip_sample=False)
 
+DEFAULT_DECODER_GUIDANCE = 3.0  # the decoder's classifier-free guidance when none is given
+
 
 def _sampler_for(model: DiffusionPrior | UnCLIPDecoder, config: SamplerConfig, guidance_scale: float,
                  stage: str = "") -> Sampler:
@@ -99,12 +101,13 @@ class DecoderPipeline:
 
     @torch.no_grad()
     def __call__(self, image_embeddings: torch.Tensor, prompts: list[str] | None = None, *,
-                 sampler: str | None = None, steps: int | None = None, guidance_scale: float = 3.0,
+                 sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
                  eta: float | None = None, seed: int = 0, progress: bool = True) -> list[Image.Image]:
         """One image per embedding (batch, embed_dim); `prompts` (one per embedding) are used only by a decoder with
         text conditioning (default: the empty prompt). `sampler` (a kind), `steps` and `eta` override the
         pipeline's sampler config when given."""
         decoder, config = self.decoder, self.decoder.config
+        guidance_scale = DEFAULT_DECODER_GUIDANCE if guidance_scale is None else guidance_scale
         chosen = _sampler_for(decoder, self.sampler.override(kind=sampler, steps=steps, eta=eta), guidance_scale)
         if image_embeddings.ndim != 2 or image_embeddings.shape[1] != decoder.embed_dim:
             raise UserError(f"the decoder reads CLIP image embeddings of width {decoder.embed_dim}, "
@@ -166,7 +169,7 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], *, num_images_per_prompt: int = 1, sampler: str | None = None,
-                 steps: int | None = None, guidance_scale: float = 3.0, prior_steps: int | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None, prior_steps: int | None = None,
                  prior_guidance_scale: float = 2.0, eta: float | None = None, seed: int = 0,
                  progress: bool = True) -> list[Image.Image]:
         """num_images_per_prompt images per prompt, prompt-major; each image has its own prior sample.
@@ -178,7 +181,8 @@ class UnCLIPPipeline:
         if num_images_per_prompt < 1:
             raise UserError(f"the number of images per prompt must be >= 1, got {num_images_per_prompt}")
         decoder = self.decoder  # its options are checked before the prior samples
-        _sampler_for(decoder.decoder, decoder.sampler.override(kind=sampler, steps=steps, eta=eta), guidance_scale)
+        _sampler_for(decoder.decoder, decoder.sampler.override(kind=sampler, steps=steps, eta=eta),
+                     DEFAULT_DECODER_GUIDANCE if guidance_scale is None else guidance_scale)
         batch = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
         embeddings = self.prior(batch, steps=prior_steps, guidance_scale=prior_guidance_scale, seed=seed,
                                 progress=progress)

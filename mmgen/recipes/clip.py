@@ -12,6 +12,7 @@ from ..clip.model import CLIP, CLIPConfig
 from ..clip.objective import ContrastiveObjective
 from ..clip.retrieval import recall_at_k
 from ..clip.tokenizer import CLIPTokenizer
+from ..clip.towers import TowerTraining, apply_tower_training, trainable_summary
 from ..clip.zeroshot import topk_accuracy, zero_shot_classifier
 from ..data import shapes
 from ..data.cache import InMemoryCaptions
@@ -61,12 +62,29 @@ class CLIPDataConfig:
 
 @dataclass
 class CLIPRecipe:
-    """configs/clip-*.yaml: model, data, loss and train sections."""
+    """configs/clip-*.yaml: model, data, loss, accumulation, towers and train sections."""
 
     model: CLIPConfig = field(default_factory=CLIPConfig)
     data: CLIPDataConfig = field(default_factory=CLIPDataConfig)
     loss: Literal["infonce", "siglip"] = "infonce"
+    # with train.grad_accum_steps > 1: one contrastive batch of all micro-batches, or one per micro-batch
+    accumulation: Literal["cached-features", "micro-batches"] = "cached-features"
+    towers: TowerTraining = field(default_factory=TowerTraining)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def contrastive_objective(recipe, model: CLIP, state) -> ContrastiveObjective:
+    """Apply the recipe's tower options to `model`, say what trains and which objective runs; the objective."""
+    apply_tower_training(model, recipe.towers)
+    if recipe.towers.locks:
+        state.print(f"locked towers: {trainable_summary(model)}")
+    steps, batch = recipe.train.grad_accum_steps, recipe.train.batch_size
+    if steps > 1:
+        state.print(f"accumulation={recipe.accumulation}: " + (
+            f"{steps} micro-batches of {batch} are one contrastive batch of {steps * batch} per process "
+            "(features cached)" if recipe.accumulation == "cached-features" else
+            f"{steps} separate contrastive problems of {batch} per step"))
+    return ContrastiveObjective(recipe.loss, recipe.accumulation)
 
 
 class TokenizingCollate:
@@ -151,11 +169,12 @@ class HeldOutEvaluation:
             return {}
         was_training = model.training
         model.eval()
+        device = next(model.parameters()).device
         metrics = {}
         if self.zeroshot is not None:
             items, class_names, templates, first_new = self.zeroshot
             classifier = zero_shot_classifier(model, self.tokenizer, class_names, templates or DEFAULT_TEMPLATES)
-            scores = batched(model.encode_image, items.images) @ classifier.T
+            scores = batched(model.encode_image, items.images, device) @ classifier.T
             accuracy = topk_accuracy(scores, items.labels, ks=(1, 5))
             metrics.update({"zeroshot/top1": accuracy[1], "zeroshot/top5": accuracy[5]})
             if first_new is not None and (items.labels >= first_new).any():  # top-1 on the extra shapes' images
@@ -163,16 +182,17 @@ class HeldOutEvaluation:
                 metrics["zeroshot/new_top1"] = topk_accuracy(scores[new], items.labels[new], ks=(1,))[1]
         if self.retrieval is not None:
             images, captions = self.retrieval
-            image_features = batched(model.encode_image, images)
-            text_features = batched(model.encode_text, self.tokenizer(captions))
+            image_features = batched(model.encode_image, images, device)
+            text_features = batched(model.encode_text, self.tokenizer(captions), device)
             metrics.update(recall_at_k(image_features, text_features))
         model.train(was_training)
         return metrics
 
 
-def batched(encode, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """`encode` applied to `inputs` in chunks of `batch_size`, concatenated."""
-    return torch.cat([encode(inputs[start : start + batch_size]) for start in range(0, len(inputs), batch_size)])
+def batched(encode, inputs: torch.Tensor, device: torch.device, batch_size: int = 256) -> torch.Tensor:
+    """`encode` applied to `inputs` in chunks of `batch_size` moved to `device` (the model's), concatenated."""
+    return torch.cat([encode(inputs[start : start + batch_size].to(device))
+                      for start in range(0, len(inputs), batch_size)])
 
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False) -> CLIP:
@@ -184,6 +204,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
 
     model = run.build_model(lambda: CLIP(recipe.model))
     run.state.print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.loss} loss")
-    return run.fit(model, loss_fn=ContrastiveObjective(recipe.loss), train_dataset=train_set, val_dataset=val_set,
+    objective = contrastive_objective(recipe, model, run.state)
+    return run.fit(model, loss_fn=objective, train_dataset=train_set, val_dataset=val_set,
                    collate_fn=TokenizingCollate(recipe.model.text.context_length), evaluate_fn=evaluation,
                    max_bad_fraction=recipe.data.max_bad_fraction)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..clip.model import CLIP
+from ..clip.preprocess import clip_input
 from ..data.images import make_grid, save_png
 from ..data.robust import collate_captions, robust
 from ..diffusion.objective import DenoisingLoss, DiffusionLossConfig
@@ -81,13 +82,19 @@ class SampleGridConfig:
     prompts: list[str] | None = None  # None: the first `count` distinct captions of data.val (else data.train)
     count: int = 8  # 0: no grid
     steps: int = 25
-    guidance_scale: float = 3.0
+    guidance_scale: float = 3.0  # the grid's, and the model's stored sampling default unless guidance_choices picks
+    # at each evaluation, sample the grid prompts at each of these scales and store as the model's default the one
+    # whose images the model's own CLIP matches best to their prompts (ties: the smallest scale); None: no choice
+    guidance_choices: list[float] | None = None
     seed: int = 0
 
     def __post_init__(self):
         if self.count < 0 or self.steps < 1 or self.guidance_scale < 0:
             raise ValueError(f"need count >= 0 (0: no grid), steps >= 1 and guidance_scale >= 0, got "
                              f"{self.count}, {self.steps}, {self.guidance_scale}")
+        if self.guidance_choices is not None and (not self.guidance_choices or min(self.guidance_choices) < 0):
+            raise ValueError(f"guidance_choices must be a non-empty list of scales >= 0 or null, "
+                             f"got {self.guidance_choices}")
 
 
 @dataclass
@@ -127,12 +134,41 @@ class SampleGrid:
     def __call__(self, model: TextToImage, step: int) -> dict:
         if not self.prompts or not process_state().is_main_process:
             return {}
-        config = self.config
-        images = TextToImagePipeline(model)(self.prompts, steps=config.steps, guidance_scale=config.guidance_scale,
+        config, metrics = self.config, {}
+        if config.guidance_choices:
+            metrics = self.choose_guidance(model)
+        guidance = model.config.guidance_scale if config.guidance_choices else config.guidance_scale
+        images = TextToImagePipeline(model)(self.prompts, steps=config.steps, guidance_scale=guidance,
                                             seed=config.seed, progress=False)
         path = self.run_dir / "samples" / f"step-{step}.png"
         save_png(make_grid(images), path)
-        return {"samples/grid": str(path.relative_to(self.run_dir))}
+        return {**metrics, "samples/grid": str(path.relative_to(self.run_dir))}
+
+    @torch.no_grad()
+    def choose_guidance(self, model: TextToImage) -> dict:
+        """Sample the prompts at each of guidance_choices; the model's own frozen CLIP names, for each image, the
+        closest of the distinct prompts; the scale with the most right answers becomes model.config.guidance_scale
+        (what final/ stores and `mmgen sample text2img` uses by default)."""
+        config, clip = self.config, model.text_encoder
+        distinct = list(dict.fromkeys(self.prompts))
+        if len(distinct) < 2:
+            return {}
+        device = next(model.parameters()).device
+        tokens = tokenize_prompts(distinct, clip.config.text.context_length).to(device)
+        text = clip.encode_text(tokens)  # (prompts, embed_dim), unit length
+        answers = torch.tensor([distinct.index(prompt) for prompt in self.prompts], device=device)
+        metrics, best = {}, None
+        for scale in sorted(config.guidance_choices):
+            images = TextToImagePipeline(model)(self.prompts, steps=config.steps, guidance_scale=scale,
+                                                seed=config.seed, progress=False, output_type="pt")
+            embeddings = clip.encode_image(clip_input(images.to(device), clip.config.vision.image_size))
+            accuracy = ((embeddings @ text.T).argmax(dim=1) == answers).float().mean().item()
+            metrics[f"samples/clip_prompt_accuracy@{scale:g}"] = accuracy
+            if best is None or accuracy > best[1]:
+                best = (scale, accuracy)
+        model.config.guidance_scale = best[0]
+        metrics["samples/guidance_scale"] = best[0]
+        return metrics
 
 
 def distinct_captions(dataset, count: int) -> list[str]:
@@ -216,13 +252,19 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
     prompts = grid_prompts(recipe.samples, val_set or train_set) if run.state.is_main_process else []
 
     section = recipe.model
-    model = run.build_model(lambda: TextToImage.from_text_encoder(clip, section.image_size, section.unet,
-                                                                  section.schedule, vae), TextToImage)
+    model = run.build_model(lambda: with_guidance(TextToImage.from_text_encoder(
+        clip, section.image_size, section.unet, section.schedule, vae), recipe.samples.guidance_scale), TextToImage)
     describe(model, run.state)
     return run.fit(model, loss_fn=DenoisingLoss(model, recipe.loss), train_dataset=robust(train_set),
                    val_dataset=robust(val_set), collate_fn=CaptionTokens(model.context_length),
                    evaluate_fn=SampleGrid(run.folder.path, prompts, recipe.samples),
                    max_bad_fraction=recipe.data.max_bad_fraction)
+
+
+def with_guidance(model: TextToImage, guidance_scale: float) -> TextToImage:
+    """`model` with `guidance_scale` as its stored sampling default (until an evaluation chooses another)."""
+    model.config.guidance_scale = guidance_scale
+    return model
 
 
 def describe(model: TextToImage, state) -> None:

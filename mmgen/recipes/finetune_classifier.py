@@ -120,7 +120,7 @@ class HeldOutAccuracy:
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        logits = batched(model, self.items.images.to(device))
+        logits = batched(model, self.items.images, device)
         model.train(was_training)
         accuracy = topk_accuracy(logits, self.items.labels, ks=(1, 5))
         metrics = {"val/accuracy": accuracy[1]}

@@ -76,13 +76,15 @@ def check_ddpm(variance_type, beta_schedule, prediction_type, processing, spacin
         assert_close(x, expected)
 
 
-def check_ddim(eta, beta_schedule, prediction_type, processing, spacing):
+def check_ddim(eta, beta_schedule, prediction_type, processing, spacing, use_clipped_model_output=True):
     """Run mmgen's and diffusers' DDIM side by side on the same inputs and noise; every step must agree."""
     alpha_to_one = spacing[2] == 0  # the offset schedule also takes Stable Diffusion's alpha_bar_0 ending
     sampler, reference = make_pair(
         DDIMSampler, DDIMScheduler, beta_schedule, prediction_type, processing, spacing, set_alpha_to_one=alpha_to_one
     )
     sampler.eta = eta
+    sampler.use_clipped_model_output = use_clipped_model_output
+    clipped = use_clipped_model_output and (sampler.clip_sample or sampler.thresholding)
     assert torch.equal(sampler.timesteps, reference.timesteps)
     data = torch.Generator().manual_seed(0)
     x = torch.randn(SHAPE, generator=data)
@@ -92,7 +94,7 @@ def check_ddim(eta, beta_schedule, prediction_type, processing, spacing):
     for t, prev in zip(visited, visited[1:] + [-1]):
         model_output, noise = torch.randn(SHAPE, generator=data), torch.randn(SHAPE, generator=data)
         x = sampler.step(model_output, t, x, noise=noise)
-        expected, was_patched = reference_ddim_step(reference, model_output, t, expected, prev, eta, noise)
+        expected, was_patched = reference_ddim_step(reference, model_output, t, expected, prev, eta, noise, clipped)
         patched += was_patched
         assert_close(x, expected)
     name, steps, _ = spacing
@@ -127,14 +129,15 @@ def test_ddim_matches_diffusers_per_spacing(eta, spacing):
     check_ddim(eta, "scaled_linear", "epsilon", "threshold", spacing)
 
 
-def reference_ddim_step(reference, model_output, t, x, prev, eta, noise):
+def reference_ddim_step(reference, model_output, t, x, prev, eta, noise, clipped=False):
     """diffusers' DDIM step from t to `prev`, and whether the reference had to be patched to get there.
 
     diffusers reads alpha_bar_prev at t - 1000 // steps, not at the schedule's next timestep (diffusers issue
     #12633: they differ for linspace and non-dividing trailing spacing); there, that entry is set to alpha_bar[prev].
     """
     stride = reference.config.num_train_timesteps // reference.num_inference_steps
-    step = lambda: reference.step(model_output, t, x, eta=eta, variance_noise=noise if eta > 0 else None).prev_sample
+    step = lambda: reference.step(model_output, t, x, eta=eta, variance_noise=noise if eta > 0 else None,
+                                  use_clipped_model_output=clipped).prev_sample
     if t - stride == prev or (t - stride < 0 and prev < 0):
         return step(), False
     alphas_cumprod, final_alpha_cumprod = reference.alphas_cumprod, reference.final_alpha_cumprod
@@ -246,7 +249,8 @@ def test_sampler_config_builds_each_kind_as_configured():
     assert type(ddpm) is DDPMSampler and not ddpm.clip_sample and ddpm.timestep_spacing == "leading"
     assert ddpm.timesteps.tolist() == [80, 60, 40, 20, 0]
     assert SamplerConfig(clip_sample_range=1.5).build(schedule, sample_range=4.0).clip_sample_range == 1.5
-    assert set(SAMPLERS) == {"ddim", "ddpm"} and all(SAMPLERS[kind].takes_eta == (kind == "ddim") for kind in SAMPLERS)
+    assert set(SAMPLERS) == {"ddim", "ddpm", "dpm++"}
+    assert all(SAMPLERS[kind].takes_eta == (kind == "ddim") for kind in SAMPLERS)
 
 
 def test_sampler_config_override_keeps_what_is_not_given():
@@ -270,7 +274,7 @@ def test_a_built_sampler_samples_without_a_step_count():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(kind="euler"), "unknown sampler 'euler' \\(choose from ddim, ddpm\\)"),
+    (dict(kind="euler"), "unknown sampler 'euler' \\(choose from ddim, ddpm, dpm\\+\\+\\)"),
     (dict(steps=0), "^steps must lie between 1 and the model's 100 training timesteps, got 0$"),
     (dict(steps=101), "^steps must lie between 1 and the model's 100 training timesteps, got 101$"),
     (dict(eta=-0.1), "^eta must be >= 0 and is a DDIM option, got -0.1 with ddim$"),
@@ -286,3 +290,29 @@ def test_bad_sampler_configs_are_one_line_user_errors(options, message):
 def test_the_steps_error_names_the_stage():
     with pytest.raises(UserError, match="^prior steps must lie between 1 and the model's 100"):
         SamplerConfig(steps=0).build(NoiseSchedule(num_train_timesteps=100), label="prior ")
+
+
+@pytest.mark.parametrize("processing", ["clip", "threshold"])
+def test_ddim_with_the_unclipped_epsilon_matches_diffusers_default(processing):
+    check_ddim(0.0, "squaredcos_cap_v2", "epsilon", processing, ("trailing", 10, 0), use_clipped_model_output=False)
+
+
+def test_clipped_ddim_steps_along_the_clipped_x0():
+    """With x0 clipped, DDIM's epsilon is the one that gives back x_t from the clipped x0, so x_prev lies between x_t
+    and that x0; the unclipped epsilon (diffusers' default) keeps what clipping removed, the classifier-free guidance
+    overshoot that made guidance above ~2 collapse (docs/benchmarks.md)."""
+    schedule = NoiseSchedule(beta_schedule="squaredcos_cap_v2")
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(SHAPE, generator=generator)
+    model_output = 3 * torch.randn(SHAPE, generator=generator)  # an over-guided epsilon: x0 far outside [-1, 1]
+    steps = {}
+    for clipped in (True, False):
+        sampler = DDIMSampler(schedule, clip_sample=True, timestep_spacing="trailing", use_clipped_model_output=clipped)
+        sampler.set_timesteps(10)
+        t, prev = sampler.timesteps[2].item(), sampler.timesteps[3].item()
+        steps[clipped] = sampler.step(model_output, t, x_t)
+    alpha_bar, alpha_bar_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[prev]
+    x0 = schedule.predict_x0(model_output, x_t, t).clamp(-1, 1)
+    epsilon = (x_t - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5
+    assert_close(steps[True], alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * epsilon)
+    assert (steps[True] - steps[False]).abs().max() > 0.1
