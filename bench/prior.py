@@ -4,7 +4,9 @@ For each of `--count` held-out (caption, image) pairs of shapes:val (shape x col
 the mean cosine similarity between the prior's sampled CLIP image embedding for the caption and the true CLIP image
 embedding of the image, per sampler setting (DDIM steps, classifier-free guidance). The baseline is the caption's
 own (unit-length) CLIP text embedding used as the image embedding: what a decoder would get without a prior. The
-prior has to beat it.
+prior has to beat it. Beside it, as DALLE2-pytorch's prior.md reports them: the sampled embedding's cosine to the
+caption's text embedding, and to an unrelated pair's true image embedding (must stay low: a prior that ignores its
+caption scores there as high as on its own image).
 
     python bench/prior.py --checkpoint runs/prior-shapes
     python bench/prior.py --checkpoint runs/prior-shapes --settings 64:1,64:2,64:4 --count 1024
@@ -72,7 +74,10 @@ def run(args: argparse.Namespace) -> dict:
                                           batch_size=args.batch_size)
         seconds = time.perf_counter() - start
         results["text_embedding_baseline"] = similarity["cosine_text_baseline"]
-        results["settings"].append({**setting, "cosine": similarity["cosine"], "seconds": round(seconds, 2)})
+        results["settings"].append({**setting, "cosine": similarity["cosine"],
+                                    "cosine_text": similarity["cosine_text"],
+                                    "cosine_unrelated": similarity.get("cosine_unrelated"),
+                                    "seconds": round(seconds, 2)})
         print(f"{setting['name']}: {seconds:.1f}s", file=sys.stderr)
     best = max(results["settings"], key=lambda s: s["cosine"])
     results["best"] = {"setting": best["name"], "cosine": best["cosine"],
@@ -81,10 +86,14 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(results: dict) -> None:
-    print(f"{'setting (steps:guidance)':<28}{'mean cosine to true image embedding':>38}")
-    print(f"{'text embedding (baseline)':<28}{results['text_embedding_baseline']:>38.4f}")
+    print("mean cosine of the embedding to: its true image embedding / its caption's text embedding / an unrelated "
+          "pair's image embedding")
+    print(f"{'setting (steps:guidance)':<28}{'true image':>12}{'text':>12}{'unrelated':>12}")
+    print(f"{'text embedding (baseline)':<28}{results['text_embedding_baseline']:>12.4f}{1.0:>12.4f}{'':>12}")
     for setting in results["settings"]:
-        print(f"{'prior ' + setting['name']:<28}{setting['cosine']:>38.4f}")
+        unrelated = setting["cosine_unrelated"]
+        print(f"{'prior ' + setting['name']:<28}{setting['cosine']:>12.4f}{setting['cosine_text']:>12.4f}"
+              f"{unrelated if unrelated is not None else float('nan'):>12.4f}")
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from .errors import UserError
 
 
 def run_sample(args) -> None:
-    """`mmgen sample lm | text2img | variations`."""
+    """`mmgen sample lm | mlm | text2img | variations`."""
     if args.model in ("text2img", "variations"):
         check_new_out(args.out)
     if args.model == "variations" or (args.model == "text2img" and _unclip_requested(args)):
@@ -36,6 +36,11 @@ def run_sample(args) -> None:
             template=_template(args),
         )
         print("\n---------------\n".join(texts))
+    if args.model == "mlm":
+        from .recipes.mlm_sample import fill_masks
+
+        for number, fills in enumerate(fill_masks(args.checkpoint, args.text, args.top_k, args.device), start=1):
+            print(f"[MASK] {number}: " + ", ".join(f"{token!r} {probability:.3f}" for token, probability in fills))
     if args.model == "text2img":
         import warnings
 
@@ -50,7 +55,9 @@ def run_sample(args) -> None:
                                   clip_model=args.clip_model, device=args.device, sampler=args.sampler,
                                   steps=args.steps, guidance_scale=args.guidance, clip_guidance_scale=args.clip_guidance,
                                   guidance_rescale=args.guidance_rescale, guidance_interval=interval,
-                                  eta=args.eta, seed=args.seed, adapter=args.adapter)
+                                  eta=args.eta, seed=args.seed, adapter=args.adapter, dtype=args.dtype,
+                                  negative_prompt=_negative_prompt(args.negative_prompts), height=args.height,
+                                  width=args.width)
         _print_warnings(caught)
         print(f"wrote {len(paths)} images and grid.png to {args.out}")
 
@@ -80,7 +87,10 @@ def _run_unclip_sample(args) -> None:
             unsupported = [flag for flag, value in (("--clip-guidance", args.clip_guidance),
                                                     ("--clip-model", args.clip_model), ("--adapter", args.adapter),
                                                     ("--guidance-rescale", args.guidance_rescale),
-                                                    ("--guidance-interval", args.guidance_interval))
+                                                    ("--guidance-interval", args.guidance_interval),
+                                                    ("--negative-prompt", args.negative_prompts),
+                                                    ("--height", args.height), ("--width", args.width),
+                                                    ("--dtype", args.dtype != "fp32"))
                            if value]
             if unsupported:
                 raise UserError(f"{unsupported[0]} is not supported with an unCLIP prior and decoder")
@@ -90,6 +100,13 @@ def _run_unclip_sample(args) -> None:
                                          **options)
     _print_warnings(caught)
     print(f"wrote {len(paths)} images and grid.png to {args.out}")
+
+
+def _negative_prompt(negative_prompts: list[str] | None) -> str | list[str] | None:
+    """--negative-prompt given once: every prompt's; given once per --prompt: each its own."""
+    if negative_prompts is not None and len(negative_prompts) == 1:
+        return negative_prompts[0]
+    return negative_prompts
 
 
 def _print_warnings(caught) -> None:

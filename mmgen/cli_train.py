@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .commands import find_recipe
 from .errors import UserError
+from .hints import finished_hint
 
 
 def run_train(args) -> None:
@@ -18,7 +19,7 @@ def run_train(args) -> None:
     recipe = find_recipe("train", args.model)
     _train_recipe(recipe.module, args, run_dir)
     final = _final_folder(run_dir)
-    on_main_process(f"model written to {final}; try: {recipe.hint.format(run=run_dir)}")
+    on_main_process(f"model written to {final}; try: {finished_hint(recipe.hint, run_dir, run_dir)}")
 
 
 def run_finetune(args) -> None:
@@ -31,9 +32,9 @@ def run_finetune(args) -> None:
         from .finetune import read_adapter_config
 
         model = f"{read_adapter_config(final)['base']} --adapter {run_dir}"
-        on_main_process(f"adapter written to {final}; try: {recipe.hint.format(run=model)}")
+        on_main_process(f"adapter written to {final}; try: {finished_hint(recipe.hint, model, run_dir)}")
     else:
-        on_main_process(f"model written to {final}; try: {recipe.hint.format(run=run_dir)}")
+        on_main_process(f"model written to {final}; try: {finished_hint(recipe.hint, run_dir, run_dir)}")
 
 
 def _run_dir(args) -> str:
@@ -96,11 +97,29 @@ def run_convert(args) -> None:
 
         convert_gpt2_folder(args.model, args.out)
         print(f"wrote {args.out}")
+    if args.source == "bert":
+        from .text.hf_bert import convert_bert_folder
+
+        convert_bert_folder(args.model, args.out)
+        print(f"wrote {args.out}")
     if args.source == "diffusers-vae":
         from .diffusion.vae_interop import convert_diffusers_vae_folder
 
         vae = convert_diffusers_vae_folder(args.model, args.out)
         print(f"wrote {args.out} (latent scaling factor {vae.config.scaling_factor:g})")
+    if args.source == "hf-clip":
+        from .clip.hf_clip_interop import convert_hf_clip_folder
+
+        clip = convert_hf_clip_folder(args.model, args.out)
+        towers = "text encoder alone" if clip.config.vision is None else "image and text towers"
+        print(f"wrote {args.out} (CLIP, {towers}, context length {clip.config.text.context_length})")
+    if args.source == "stable-diffusion":
+        from .diffusion.stable_diffusion import convert_stable_diffusion_folder
+
+        model = convert_stable_diffusion_folder(args.model, args.out)
+        config = model.config
+        print(f"wrote {args.out} (text2img, {config.image_size}px images, {config.schedule.prediction_type} "
+              f"prediction): mmgen sample text2img --checkpoint {args.out} --prompt ...")
 
 
 def on_main_process(message: str) -> None:

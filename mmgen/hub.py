@@ -28,6 +28,8 @@ MODEL_TYPES: dict[str, str] = {
     "prior": "mmgen.diffusion.prior:DiffusionPrior",
     "decoder": "mmgen.diffusion.decoder:UnCLIPDecoder",
     "clip-classifier": "mmgen.clip.classifier:CLIPClassifier",
+    "mlm": "mmgen.text.mlm:MaskedLM",
+    "text-classifier": "mmgen.text.classifier:TextClassifier",
 }
 
 

@@ -4,6 +4,7 @@
 RUN_DIR/config.yaml               the resolved recipe config (what --resume reads)
 RUN_DIR/metrics.jsonl             one JSON object per log / evaluation
 RUN_DIR/tensorboard/              the same scalars for TensorBoard
+RUN_DIR/profile/                  train.profile=true: torch.profiler trace and op summary of a few steps, per rank
 RUN_DIR/checkpoints/step-N/       resumable state (model, optimizer, RNG, trainer_state.json, ema.safetensors)
 RUN_DIR/final/                    the trained model folder
 ```
@@ -31,6 +32,7 @@ from .io import atomic_write_text, read_json, write_json
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_FOLDER = "tensorboard"
+PROFILE_FOLDER = "profile"
 CHECKPOINTS_FOLDER = "checkpoints"
 FINAL_FOLDER = "final"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -68,6 +70,10 @@ class RunFolder:
     @property
     def tensorboard_folder(self) -> Path:
         return self.path / TENSORBOARD_FOLDER
+
+    @property
+    def profile_folder(self) -> Path:
+        return self.path / PROFILE_FOLDER
 
     @property
     def final(self) -> Path:

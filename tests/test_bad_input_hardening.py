@@ -199,6 +199,8 @@ def test_meta_device_size_of_every_model_type():
     from mmgen.clip.classifier import CLIPClassifier, CLIPClassifierConfig
     from mmgen.diffusion import UNet, UNetConfig
     from mmgen.diffusion.vae import VAE, VAEConfig
+    from mmgen.text.classifier import TextClassifier, TextClassifierConfig
+    from mmgen.text.mlm import MaskedLM, MLMConfig
     from tests.clip.helpers import make_clip, tiny_config
     from tests.diffusion.helpers import TINY_UNET, tiny_text2img
     from tests.diffusion.unclip_helpers import tiny_decoder, tiny_prior
@@ -212,6 +214,10 @@ def test_meta_device_size_of_every_model_type():
         "prior": tiny_prior(),
         "decoder": tiny_decoder(),
         "clip-classifier": CLIPClassifier(CLIPClassifierConfig(["a", "b"], tiny_config())),
+        "mlm": MaskedLM(MLMConfig(vocab_size=50, context_length=16, num_layers=2, num_heads=2, dim=16,
+                                  type_vocab_size=2, norm_position="post")),
+        "text-classifier": TextClassifier(TextClassifierConfig(["a", "b"], gpt=GPTConfig(
+            vocab_size=50, context_length=16, num_layers=2, num_heads=2, dim=16))),
     }
     assert set(models) == set(MODEL_TYPES)
     for model_type, model in models.items():

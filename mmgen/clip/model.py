@@ -14,9 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..errors import UserError
 from ..hub import PretrainedMixin
 from ..nn import LearnedPositions, Transformer
 from ..nn.mlp import MLPKind
+from .patch_dropout import drop_patches
 
 MAX_LOGIT_SCALE = 100.0
 
@@ -54,7 +56,12 @@ class CLIPVisionConfig:
 
 @dataclass
 class CLIPTextConfig:
-    """Shape of the causal text tower; `context_length` is also the tokenizer's context length."""
+    """Shape of the causal text tower; `context_length` is also the tokenizer's context length.
+
+    pad_token_id: None feeds the tokens as given; an id replaces every token after the end-of-text token, so the
+    states after it are those of the padding the weights were trained with (Stable Diffusion cross-attends to all
+    77 states, unmasked: SD 1 pads with end-of-text, SD 2 with "!" = 0, mmgen's tokenizer with 0).
+    """
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -62,19 +69,26 @@ class CLIPTextConfig:
     layers: int = 12
     heads: int = 8
     mlp_ratio: float = 4.0
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         _check_tower(self, ("context_length", "vocab_size", "width", "layers", "heads", "mlp_ratio"))
         if self.context_length < 2:
             raise ValueError(f"context_length must be at least 2 (start and end of text), got {self.context_length}")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id must be a token id below vocab_size {self.vocab_size}, "
+                             f"got {self.pad_token_id}")
 
 
 @dataclass
 class CLIPConfig:
-    """A CLIP: two towers projected to `embed_dim`; `mlp` is shared by both ("quick_gelu" for OpenAI weights)."""
+    """A CLIP: two towers projected to `embed_dim`; `mlp` is shared by both ("quick_gelu" for OpenAI weights).
+
+    vision None: a text encoder alone (Stable Diffusion's), which has no encode_image.
+    """
 
     embed_dim: int = 512
-    vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
+    vision: CLIPVisionConfig | None = field(default_factory=CLIPVisionConfig)
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
     mlp: MLPKind = "gelu"
     init_logit_scale: float = math.log(1 / 0.07)
@@ -185,6 +199,7 @@ class VisionTower(nn.Module):
         self.norm_post = nn.LayerNorm(width)
         self.projection = nn.Linear(width, clip.embed_dim, bias=False)
         nn.init.normal_(self.projection.weight, std=width**-0.5)
+        self.patch_dropout = 0.0  # fraction of patches dropped in training (FLIP); a training option, not saved
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Unnormalised embeddings (batch, embed_dim) of images (batch, 3, image_size, image_size)."""
@@ -195,6 +210,8 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # (batch, patches, width)
         class_token = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([class_token, x], dim=1) + self.position_embedding(x.shape[1] + 1)
+        if self.training and self.patch_dropout > 0:
+            x = drop_patches(x, self.patch_dropout)
         x = self.transformer(self.norm_pre(x))
         return self.projection(self.norm_post(x[:, 0]))
 
@@ -216,16 +233,24 @@ class TextTower(nn.Module):
         self.projection = nn.Linear(width, clip.embed_dim, bias=False)
         nn.init.normal_(self.projection.weight, std=width**-0.5)
 
-    def forward(self, tokens: torch.Tensor) -> TextEncoding:
-        """Token states and unnormalised pooled embedding of tokens (batch, seq <= context_length)."""
+    def forward(self, tokens: torch.Tensor, skip_last_layers: int = 0) -> TextEncoding:
+        """Token states and unnormalised pooled embedding of tokens (batch, seq <= context_length).
+
+        skip_last_layers: states of an earlier layer, still through the final norm (Stable Diffusion's "clip skip").
+        """
         if tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape (batch, seq), got {tuple(tokens.shape)}")
-        x = self.token_embedding(tokens) + self.position_embedding(tokens.shape[1])
-        x = self.norm_final(self.transformer(x, causal=True))  # (batch, seq, width)
+        if not 0 <= skip_last_layers < self.config.layers:
+            raise ValueError(f"skip_last_layers must lie in [0, {self.config.layers}), got {skip_last_layers}")
         # the end-of-text token has the largest id of CLIP's vocabulary: its position is the argmax
         end = tokens.argmax(dim=-1)
-        pooled = x[torch.arange(x.shape[0], device=x.device), end]
         padding_mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] > end[:, None]
+        if self.config.pad_token_id is not None:
+            tokens = tokens.masked_fill(padding_mask, self.config.pad_token_id)
+        x = self.token_embedding(tokens) + self.position_embedding(tokens.shape[1])
+        x = self.transformer(x, causal=True, num_blocks=self.config.layers - skip_last_layers)
+        x = self.norm_final(x)  # (batch, seq, width)
+        pooled = x[torch.arange(x.shape[0], device=x.device), end]
         return TextEncoding(x, self.projection(pooled), padding_mask)
 
 
@@ -238,7 +263,7 @@ class CLIP(nn.Module, PretrainedMixin):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        self.vision = VisionTower(config.vision, config)
+        self.vision = VisionTower(config.vision, config) if config.vision is not None else None
         self.text = TextTower(config.text, config)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         if config.init_logit_bias is None:
@@ -248,6 +273,8 @@ class CLIP(nn.Module, PretrainedMixin):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image embeddings (batch, embed_dim) of normalised images (batch, 3, H, W); unit length if `normalize`."""
+        if self.vision is None:
+            raise UserError("this CLIP is a text encoder alone (no image tower): it cannot embed images")
         features = self.vision(images)
         return F.normalize(features, dim=-1) if normalize else features
 
@@ -255,9 +282,11 @@ class CLIP(nn.Module, PretrainedMixin):
         """Text embeddings (batch, embed_dim) of token ids (batch, seq); unit length if `normalize`."""
         return self.encode_text_tokens(tokens, normalize=normalize).embedding
 
-    def encode_text_tokens(self, tokens: torch.Tensor, normalize: bool = True) -> TextEncoding:
-        """Per-token states (batch, seq, width) after the final norm, the pooled embedding and the padding mask."""
-        encoding = self.text(tokens)
+    def encode_text_tokens(self, tokens: torch.Tensor, normalize: bool = True, skip_last_layers: int = 0
+                           ) -> TextEncoding:
+        """Per-token states (batch, seq, width) after the final norm, the pooled embedding and the padding mask;
+        `skip_last_layers` takes the states of an earlier layer."""
+        encoding = self.text(tokens, skip_last_layers)
         if normalize:
             encoding = encoding._replace(embedding=F.normalize(encoding.embedding, dim=-1))
         return encoding

@@ -1,22 +1,86 @@
-"""CLIP's training objective: a contrastive loss (InfoNCE or SigLIP) on a batch's image and text features."""
+"""CLIP's training objective: a contrastive loss (InfoNCE or SigLIP) on a batch's image and text features.
+
+With gradient accumulation (K micro-batches per optimizer step) there are two objectives:
+- "cached-features" (open_clip's --accum-freq, the default): the features of all K micro-batches are computed first
+  without gradients; then each micro-batch is recomputed with gradients and scored against the cached features of the
+  others. Every negative of the K-times-larger batch stays in the loss, and the summed gradients equal that batch's.
+  It costs one extra forward per micro-batch; memory holds one micro-batch's activations plus K batches' features.
+- "micro-batches": K independent contrastive problems of one micro-batch each, their gradients averaged (a weaker
+  objective: each sample sees only its micro-batch's negatives).
+"""
 
 from __future__ import annotations
+
+import contextlib
+
+import torch
 
 from .loss import ClipLoss, SigLipLoss
 
 CONTRASTIVE_LOSSES = {"infonce": ClipLoss, "siglip": SigLipLoss}
+ACCUMULATIONS = ("cached-features", "micro-batches")
 
 
 class ContrastiveObjective:
     """loss_fn for the Trainer: `loss` ("infonce" or "siglip") of the model's features of batch["images"] and
     batch["tokens"]; also reports the learned logit scale. Under several processes the loss gathers the features of
-    every process (open_clip semantics)."""
+    every process (open_clip semantics). `accumulation` says what K micro-batches of a step train (module docstring);
+    with "cached-features" the Trainer hands the whole step to `step`."""
 
-    def __init__(self, loss: str = "infonce"):
+    def __init__(self, loss: str = "infonce", accumulation: str = "cached-features"):
         if loss not in CONTRASTIVE_LOSSES:
             raise ValueError(f"unknown contrastive loss {loss!r} (choose from {', '.join(CONTRASTIVE_LOSSES)})")
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(f"unknown accumulation {accumulation!r} (choose from {', '.join(ACCUMULATIONS)})")
         self.criterion = CONTRASTIVE_LOSSES[loss]()
+        self.takes_whole_step = accumulation == "cached-features"
 
     def __call__(self, model, batch: dict):
         output = model(batch["images"], batch["tokens"])
         return self.criterion(*output), {"train/logit_scale": output.logit_scale}
+
+    def step(self, model, micro_batches: list[dict], passes) -> tuple[torch.Tensor, dict]:
+        """Forward and backward of one optimizer step whose gradients are those of the concatenated micro-batches.
+
+        `passes` is the Trainer's mmgen.training.accumulation.GradientPasses. Each micro-batch's gradient pass
+        replays the RNG state of its feature pass, so random draws in the model (patch dropout) are the same in
+        both; afterwards the RNG continues from where the feature passes left it. Returns the (detached) loss."""
+        states, cached = [], []
+        with torch.no_grad(), _no_parameter_requires_grad(model), passes.autocast():
+            for batch in micro_batches:
+                states.append(passes.rng_state())
+                output = model(batch["images"], batch["tokens"])
+                cached.append((output.image_features, output.text_features))
+        after_features = passes.rng_state()
+        last = len(micro_batches) - 1
+        for index, batch in enumerate(micro_batches):
+            passes.set_rng_state(states[index])
+            with passes.gradient_pass(last=index == last):
+                output = model(batch["images"], batch["tokens"])
+                images = torch.cat([f[0] for f in cached[:index]] + [output.image_features]
+                                   + [f[0] for f in cached[index + 1:]])  # (K * batch, embed_dim)
+                texts = torch.cat([f[1] for f in cached[:index]] + [output.text_features]
+                                  + [f[1] for f in cached[index + 1:]])
+                # the scale and bias enter every pass's loss: their gradient is taken in the last pass only
+                scale, bias = output.logit_scale, output.logit_bias
+                if index != last:
+                    scale, bias = scale.detach(), bias.detach() if bias is not None else None
+                loss = self.criterion(images, texts, scale, bias)
+            passes.backward(loss)
+        passes.set_rng_state(after_features)
+        return loss.detach(), {"train/logit_scale": output.logit_scale.detach()}
+
+
+@contextlib.contextmanager
+def _no_parameter_requires_grad(model):
+    """Parameters not requiring grad for a while: under no_grad alone a slice of a parameter (the position
+    embeddings) still requires grad without a grad_fn, which module hooks such as torch's FLOP counter
+    (mmgen.training.throughput counts the first step) cannot handle."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)

@@ -15,7 +15,9 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UserError
+from ..io import atomic_folder, save_tensors, write_json
 from .model import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from .preprocess import CLIP_MEAN, CLIP_STD
 
 _BLOCK_NAMES = {  # ours -> open_clip's, inside one transformer block
     "norm_attn.weight": "ln_1.weight",
@@ -175,41 +177,53 @@ def from_open_clip(model) -> CLIP:
     return clip.train(model.training)
 
 
-def to_open_clip(clip: CLIP):
-    """An open_clip.CLIP computing the same embeddings as `clip` (UserError for a SwiGLU MLP)."""
-    import open_clip
-
+def open_clip_model_config(clip: CLIP) -> dict:
+    """open_clip's model config (the `model_cfg` of open_clip_config.json: `open_clip.CLIP(**config)`) of a CLIP
+    computing what `clip` computes; a UserError names what open_clip's CLIP cannot express."""
     config = clip.config
-    if config.mlp == "swiglu":
-        raise UserError("a CLIP with a SwiGLU MLP cannot be expressed as open_clip's CLIP")
+    if config.vision is None:
+        raise UserError("a CLIP without an image tower (a text encoder alone) cannot be expressed as open_clip's CLIP")
+    if config.mlp not in ("gelu", "gelu_tanh", "quick_gelu"):
+        raise UserError(f"a CLIP with a {config.mlp} MLP cannot be expressed as open_clip's CLIP "
+                        "(gelu, gelu_tanh or quick_gelu only)")
     act_kwargs = {"approximate": "tanh"} if config.mlp == "gelu_tanh" else None
     vision, text = config.vision, config.text
-    model = open_clip.CLIP(
-        config.embed_dim,
-        open_clip.CLIPVisionCfg(
-            layers=vision.layers,
-            width=vision.width,
-            head_width=vision.width // vision.heads,
-            mlp_ratio=vision.mlp_ratio,
-            patch_size=vision.patch_size,
-            image_size=vision.image_size,
-            act_kwargs=act_kwargs,
-        ),
-        open_clip.CLIPTextCfg(
-            context_length=text.context_length,
-            vocab_size=text.vocab_size,
-            width=text.width,
-            heads=text.heads,
-            layers=text.layers,
-            mlp_ratio=text.mlp_ratio,
-            act_kwargs=act_kwargs,
-        ),
-        quick_gelu=config.mlp == "quick_gelu",
-        init_logit_scale=config.init_logit_scale,
-        init_logit_bias=config.init_logit_bias,
-    )
-    _copy_state(clip, model, _parameter_pairs(config), to_target_name=True)
+    model_config = {
+        "embed_dim": config.embed_dim,
+        "vision_cfg": {"layers": vision.layers, "width": vision.width, "head_width": vision.width // vision.heads,
+                       "mlp_ratio": vision.mlp_ratio, "patch_size": vision.patch_size,
+                       "image_size": vision.image_size, "act_kwargs": act_kwargs},
+        "text_cfg": {"context_length": text.context_length, "vocab_size": text.vocab_size, "width": text.width,
+                     "heads": text.heads, "layers": text.layers, "mlp_ratio": text.mlp_ratio,
+                     "act_kwargs": act_kwargs},
+        "quick_gelu": config.mlp == "quick_gelu",
+        "init_logit_scale": config.init_logit_scale,
+    }
+    if config.init_logit_bias is not None:
+        model_config["init_logit_bias"] = config.init_logit_bias
+    return model_config
+
+
+def to_open_clip(clip: CLIP):
+    """An open_clip.CLIP computing the same embeddings as `clip` (UserError for what it cannot express)."""
+    import open_clip
+
+    model = open_clip.CLIP(**open_clip_model_config(clip))
+    _copy_state(clip, model, _parameter_pairs(clip.config), to_target_name=True)
     return model.train(clip.training)
+
+
+def export_open_clip(clip: CLIP, out_dir) -> Path:
+    """Write `clip` as an open_clip local-dir folder (open_clip_config.json + open_clip_model.safetensors), atomically,
+    so `open_clip.create_model_and_transforms("local-dir:OUT_DIR")` (and CLIP_benchmark's `--model local-dir:OUT_DIR`)
+    loads it; its tokenizer is open_clip's default, CLIP's BPE, which mmgen's CLIPTokenizer also uses."""
+    model = to_open_clip(clip)
+    config = {"model_cfg": open_clip_model_config(clip),
+              "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
+    with atomic_folder(out_dir) as staging:
+        write_json(staging / "open_clip_config.json", config)
+        save_tensors(staging / "open_clip_model.safetensors", model.state_dict())
+    return Path(out_dir)
 
 
 def convert_open_clip(model_name: str, pretrained: str | None, out_dir) -> CLIP:

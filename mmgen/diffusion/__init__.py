@@ -1,6 +1,6 @@
-"""Diffusion: the noise schedule and loss, the training objectives, DDPM / DDIM samplers and their config, guidance and
-the conditioning interface, the UNet, the VAE, the text-to-image model (pixels or latents) and the unCLIP prior and
-decoder."""
+"""Diffusion: the noise schedule and loss, the training objectives, DDPM / DDIM / DPM-Solver++ samplers and their
+config, guidance and the conditioning interface, the UNet, the VAE, the text-to-image model (pixels or latents) and the
+unCLIP prior and decoder."""
 
 from .decoder import DecoderCondition, DecoderConfig, UnCLIPDecoder
 from .guidance import (
@@ -18,11 +18,13 @@ from .samplers import (
     SAMPLERS,
     DDIMSampler,
     DDPMSampler,
+    DPMSolverSampler,
     Sampler,
     SamplerConfig,
     dynamic_threshold,
     inference_timesteps,
     sample_loop,
+    solver_timesteps,
 )
 from .schedule import NoiseSchedule, make_betas
 from .text2img import PromptConditioned, TextToImage, TextToImageConfig, empty_prompt_tokens, tokenize_prompts
@@ -35,6 +37,7 @@ __all__ = [
     "Conditioned",
     "DDIMSampler",
     "DDPMSampler",
+    "DPMSolverSampler",
     "DecoderCondition",
     "DecoderConfig",
     "DecoderLoss",
@@ -67,5 +70,6 @@ __all__ = [
     "make_betas",
     "min_snr_weights",
     "sample_loop",
+    "solver_timesteps",
     "tokenize_prompts",
 ]

@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..nn import TransformerBlock
+from ..nn.mlp import MLPKind
 
 
 class ResidualBlock(nn.Module):
@@ -62,18 +63,37 @@ class ResidualBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """x + proj_out(TransformerBlock(proj_in(GroupNorm(x)))) over the height * width positions of a feature map.
+    """x + proj_out(TransformerBlocks(proj_in(GroupNorm(x)))) over the height * width positions of a feature map.
 
-    The block self-attends across positions and, when `context_dim` is set, cross-attends to a context sequence.
+    Each of the `depth` blocks self-attends across positions and, when `context_dim` is set, cross-attends to a
+    context sequence. proj_in / proj_out are linear maps of the channels (what Stable Diffusion 1's 1x1 convolutions
+    compute too). mlp, qkv_bias and upcast_attention: see TransformerBlock; norm_eps: the GroupNorm's.
     """
 
     def __init__(
-        self, channels: int, num_heads: int, *, context_dim: int | None = None, groups: int = 32, dropout: float = 0.0
+        self,
+        channels: int,
+        num_heads: int,
+        *,
+        context_dim: int | None = None,
+        groups: int = 32,
+        dropout: float = 0.0,
+        depth: int = 1,
+        mlp: MLPKind = "gelu",
+        qkv_bias: bool = True,
+        upcast_attention: bool = False,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = nn.GroupNorm(groups, channels, eps=norm_eps)
         self.proj_in = nn.Linear(channels, channels)
-        self.block = TransformerBlock(channels, num_heads, context_dim=context_dim, dropout=dropout)
+        block_options = dict(context_dim=context_dim, dropout=dropout, mlp=mlp, qkv_bias=qkv_bias,
+                             upcast_attention=upcast_attention)
+        self.block = TransformerBlock(channels, num_heads, **block_options)
+        # the first block keeps its name ("block"), so folders of depth-1 models written before `depth` still load
+        self.further_blocks = nn.ModuleList(
+            TransformerBlock(channels, num_heads, **block_options) for _ in range(depth - 1)
+        )
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
@@ -88,6 +108,8 @@ class SpatialTransformer(nn.Module):
         batch, channels, height, width = x.shape
         h = self.norm(x).flatten(2).transpose(1, 2)  # (batch, height * width, channels)
         h = self.block(self.proj_in(h), context=context, context_padding_mask=context_padding_mask)
+        for block in self.further_blocks:
+            h = block(h, context=context, context_padding_mask=context_padding_mask)
         h = self.proj_out(h).transpose(1, 2).reshape(batch, channels, height, width)
         return x + h
 

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from ..clip.preprocess import clip_input
+from ..errors import UserError
 from .samplers import ModelFn
 from .schedule import NoiseSchedule
 
@@ -124,14 +125,19 @@ def classifier_free_guidance(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, g
     return guided
 
 
-def guided_model_fn(model: ConditionalModel, inputs: tuple, guidance_scale: float, **options) -> ModelFn:
-    """model_fn(x_t, t) of `model` conditioned on its raw `inputs`, with classifier-free guidance against its null
-    condition unless guidance_scale is 1; `options` (interval, rescale) are classifier_free_guidance's."""
+def guided_model_fn(model: ConditionalModel, inputs: tuple, guidance_scale: float,
+                    negative_inputs: tuple | None = None, **options) -> ModelFn:
+    """model_fn(x_t, t) of `model` conditioned on its raw `inputs`, with classifier-free guidance unless
+    guidance_scale is 1: against its null condition, or against the condition of `negative_inputs` (a negative
+    prompt: guidance then pushes away from it). `options` (interval, rescale) are classifier_free_guidance's."""
     model_fn = Conditioned(model.denoise, model.encode_condition(*inputs))
     if guidance_scale == 1:
         return model_fn
-    null = Conditioned(model.denoise, model.null_condition(len(inputs[0]), inputs[0].device))
-    return classifier_free_guidance(model_fn, null, guidance_scale, **options)
+    if negative_inputs is None:
+        unconditional = model.null_condition(len(inputs[0]), inputs[0].device)
+    else:
+        unconditional = model.encode_condition(*negative_inputs)
+    return classifier_free_guidance(model_fn, Conditioned(model.denoise, unconditional), guidance_scale, **options)
 
 
 def clip_guidance(model_fn: ModelFn, schedule: NoiseSchedule, score_fn: ScoreFn, guidance_scale: float) -> ModelFn:
@@ -166,6 +172,8 @@ def clip_score(clip, text_embeddings: torch.Tensor) -> ScoreFn:
     x0 (batch, 3, H, W) in [-1, 1] is resized to the CLIP's image size and CLIP-normalised; text_embeddings
     (batch, embed_dim) are unit-length embeddings from `clip.encode_text`.
     """
+    if clip.config.vision is None:
+        raise UserError("CLIP guidance needs a CLIP with an image tower; this one is a text encoder alone")
     size = clip.config.vision.image_size
 
     def score(x0: torch.Tensor) -> torch.Tensor:

@@ -15,22 +15,35 @@ from dataclasses import dataclass
 
 import torch
 
+from ..clip.model import TextEncoding
+from ..errors import ConfigError
 from .loss import diffusion_loss
 from .samplers import standard_normal
 
 
 @dataclass
 class DiffusionLossConfig:
-    """The denoising loss: caption dropout for classifier-free guidance, optional min-SNR-gamma weighting."""
+    """The denoising loss: caption dropout for classifier-free guidance, optional min-SNR-gamma weighting, and the
+    noise options of diffusers' training scripts.
+
+    offset_noise: the noise gets `offset_noise` times a per-(sample, channel) constant normal draw added (Guttenberg
+    2023: lets a model learn very dark or bright images); it is part of the forward process, in evaluation too.
+    input_perturbation: in training the network sees x_t made with noise + `input_perturbation` * a fresh normal draw,
+    while the target keeps the plain noise (Ning et al. 2023, against exposure bias)."""
 
     caption_dropout: float = 0.1  # this fraction of training captions is replaced by the empty prompt
     min_snr_gamma: float | None = None  # e.g. 5.0
+    offset_noise: float = 0.0  # e.g. 0.05-0.1
+    input_perturbation: float = 0.0  # e.g. 0.1
 
     def __post_init__(self):
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must lie in [0, 1], got {self.caption_dropout}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive or null, got {self.min_snr_gamma}")
+        for name in ("offset_noise", "input_perturbation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -67,13 +80,36 @@ class DenoisingLoss:
 
     def __call__(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         """(loss, {}): the loss_fn form (loss, metrics) every mmgen objective returns."""
-        caption_mask = _dropout_mask(batch["tokens"], self.config.caption_dropout) if model.training else None
-        x0 = self.clean_samples(batch["images"])
+        caption_mask = _dropout_mask(self.rows(batch), self.config.caption_dropout) if model.training else None
+        x0 = self.clean_samples_of(batch)
         t = torch.randint(0, self.schedule.num_train_timesteps, (len(x0),), device=x0.device)
-        noise = standard_normal(x0.shape, None, x0.device, x0.dtype)
-        output = model(self.schedule.add_noise(x0, noise, t), t, *self.condition_inputs(batch, caption_mask))
+        noise, input_noise = self.noise(x0, training=model.training)
+        output = model(self.schedule.add_noise(x0, input_noise, t), t, *self.condition_inputs(batch, caption_mask))
         target = self.schedule.target(x0, noise, t)
         return diffusion_loss(output, target, t, self.schedule, self.config.min_snr_gamma), {}
+
+    def noise(self, x0: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the noise of the target, the noise x_t is made with): the same tensor unless input perturbation is on.
+
+        Drawn in the order of diffusers' train_text_to_image.py: noise, its offset, the perturbation."""
+        noise = standard_normal(x0.shape, None, x0.device, x0.dtype)
+        if self.config.offset_noise:
+            if x0.ndim < 3:
+                raise ValueError("loss.offset_noise needs samples with channels (batch, channels, ...), "
+                                 f"got shape {tuple(x0.shape)}")
+            offset_shape = x0.shape[:2] + (1,) * (x0.ndim - 2)  # (batch, channels, 1, 1): one constant per channel
+            noise = noise + self.config.offset_noise * standard_normal(offset_shape, None, x0.device, x0.dtype)
+        if training and self.config.input_perturbation:
+            return noise, noise + self.config.input_perturbation * torch.randn_like(noise)
+        return noise, noise
+
+    def rows(self, batch: dict) -> torch.Tensor:
+        """A tensor with one row per sample of the batch, on its device (for the dropout masks)."""
+        return batch["tokens"]
+
+    def clean_samples_of(self, batch: dict) -> torch.Tensor:
+        """x0 of the batch's samples."""
+        return self.clean_samples(batch["images"])
 
     def clean_samples(self, images: torch.Tensor) -> torch.Tensor:
         """x0, what the model denoises: the images, or their VAE latents (a posterior sample)."""
@@ -88,6 +124,12 @@ class DenoisingLoss:
 class PriorLoss(DenoisingLoss):
     """DenoisingLoss of the DiffusionPrior: the clean samples are the scaled CLIP image embeddings of the batch's
     images (CLIP-normalised, at the CLIP's size); the condition is their captions."""
+
+    def __init__(self, model, config: DiffusionLossConfig):
+        if config.offset_noise:
+            raise ConfigError("loss.offset_noise applies to images and latents (a constant per channel); the prior's "
+                              "samples are embeddings without channels")
+        super().__init__(model, config)
 
     def clean_samples(self, images: torch.Tensor) -> torch.Tensor:
         """The scaled CLIP image embeddings (batch, embed_dim) (deterministic)."""
@@ -111,3 +153,27 @@ class DecoderLoss(DenoisingLoss):
         # drawn after the timesteps and noise, the caption mask before them (the draws' order is part of a run)
         embedding_mask = _dropout_mask(embedding, self.config.image_embedding_dropout)
         return self.model.drop_condition(inputs, (embedding_mask, caption_mask))
+
+
+class CachedLatentLoss(DenoisingLoss):
+    """DenoisingLoss of a latent TextToImage on LatentCache batches (mmgen.diffusion.latent_cache): x0 is drawn from
+    the cached posterior moments and the condition is the cached text encoding, whose dropped rows become the null
+    condition's encoding (what encoding the empty prompt's tokens gives). With the same RNG it computes what
+    DenoisingLoss computes from the images and captions, without running the VAE encoder or the text tower."""
+
+    def rows(self, batch: dict) -> torch.Tensor:
+        return batch["latent_mean"]
+
+    def clean_samples_of(self, batch: dict) -> torch.Tensor:
+        """A posterior sample: mean + std * noise (the draw VAE.encode_latents makes)."""
+        mean = batch["latent_mean"]
+        return mean + batch["latent_std"] * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+
+    def condition_inputs(self, batch: dict, caption_mask: torch.Tensor | None) -> tuple:
+        """(the cached TextEncoding,), rows of `caption_mask` (training) replaced by the null condition's."""
+        text = TextEncoding(*(batch[name] for name in TextEncoding._fields))
+        if caption_mask is None:
+            return (text,)
+        null = self.model.null_condition(1, caption_mask.device)
+        return (TextEncoding(*(torch.where(caption_mask.view(-1, *[1] * (value.ndim - 1)), empty.to(value.dtype),
+                                           value) for value, empty in zip(text, null))),)

@@ -30,11 +30,25 @@ def make_betas(
     raise ValueError(f"unknown beta_schedule {beta_schedule!r} (expected linear, scaled_linear or squaredcos_cap_v2)")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last step has zero SNR (Lin et al. 2023, Algorithm 1): sqrt(alpha_bar) shifted so it ends at 0
+    and scaled so it starts where it did. Computed as diffusers' function of the same name does."""
+    root_alpha_bar = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = root_alpha_bar[0].clone(), root_alpha_bar[-1].clone()
+    root_alpha_bar = (root_alpha_bar - last) * (first / (first - last))
+    alpha_bar = root_alpha_bar**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])  # undo the cumulative product
+    return 1 - alphas
+
+
 @dataclass(eq=False)
 class NoiseSchedule:
     """A discrete DDPM noise schedule of `num_train_timesteps` steps and the network's `prediction_type`.
 
     Timestep arguments `t` are ints or int tensors of shape (batch,); results broadcast against x.
+    `rescale_zero_terminal_snr` makes the last timestep pure noise (Lin et al. 2023: train and sample from the same
+    x_T); it needs v_prediction or sample (noise cannot be predicted from pure noise), and sampling that starts at
+    the last timestep: the samplers' timestep_spacing "trailing".
     """
 
     num_train_timesteps: int = 1000
@@ -42,6 +56,7 @@ class NoiseSchedule:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     prediction_type: PredictionType = "epsilon"
+    rescale_zero_terminal_snr: bool = False
 
     def __post_init__(self):
         if self.num_train_timesteps < 1:
@@ -52,7 +67,12 @@ class NoiseSchedule:
             raise ValueError(
                 f"unknown prediction_type {self.prediction_type!r} (expected epsilon, sample or v_prediction)"
             )
+        if self.rescale_zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("rescale_zero_terminal_snr needs prediction_type v_prediction (or sample): at zero SNR "
+                             "the noise cannot be predicted")
         self.betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
+        if self.rescale_zero_terminal_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         # float32 cumulative product, like diffusers: samplers checked against it stay within 1e-5
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)

@@ -202,6 +202,8 @@ class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin
         pooled = text.embedding if self.config.unet.pooled_dim is not None else None
         return self.unet(x_t, t, context=text.token_states, context_padding_mask=mask, pooled=pooled)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Training entry point: encode `tokens` with the frozen CLIP, then denoise."""
-        return self.denoise(x_t, t, self.encode_condition(tokens))
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor | TextEncoding) -> torch.Tensor:
+        """Training entry point: encode `tokens` with the frozen CLIP (unless given already encoded, as a latent cache
+        holds them), then denoise."""
+        text = tokens if isinstance(tokens, TextEncoding) else self.encode_condition(tokens)
+        return self.denoise(x_t, t, text)

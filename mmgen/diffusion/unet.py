@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..hub import PretrainedMixin
 from ..nn import TimestepEmbedding
+from ..nn.mlp import MLPKind
 from .blocks import Downsample, ResidualBlock, SpatialTransformer, Upsample
 
 
@@ -24,6 +25,13 @@ class UNetConfig:
 
     context_dim: width of the token states cross-attended to (None: no cross-attention); pooled_dim: width of a
     pooled vector added to the timestep embedding (None: none).
+
+    The spatial transformers' options (their defaults are mmgen's own UNet; Stable Diffusion's in brackets):
+    heads_per_level overrides num_heads per level (SD's attention_head_dim, which counts heads), head_dim sets
+    channels / head_dim heads instead (one of the two at most; the middle block takes the last level's);
+    transformer_depth: blocks per spatial transformer, per level (the middle block takes the last level's);
+    mlp ("geglu"), attention_qkv_bias (False), upcast_attention (SD 2.1: True), attention_norm_eps (1e-6, as here).
+    norm_eps: the GroupNorm eps of the residual blocks and the output norm (1e-5, as here).
     """
 
     in_channels: int = 3
@@ -39,10 +47,32 @@ class UNetConfig:
     groups: int = 32
     scale_shift_norm: bool = True
     gradient_checkpointing: bool = False
+    heads_per_level: tuple[int, ...] | None = None
+    head_dim: int | None = None
+    transformer_depth: tuple[int, ...] | None = None
+    mlp: MLPKind = "gelu"
+    attention_qkv_bias: bool = True
+    upcast_attention: bool = False
+    norm_eps: float = 1e-5
+    attention_norm_eps: float = 1e-6
 
     def __post_init__(self):
         self.channel_multipliers = tuple(self.channel_multipliers)
         self.attention_levels = tuple(self.attention_levels)
+        levels = len(self.channel_multipliers)
+        for name in ("heads_per_level", "transformer_depth"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(value))
+                if len(value) != levels or min(value) < 1:
+                    raise ValueError(f"{name} must hold one positive integer per level ({levels}), got {value}")
+        if self.heads_per_level is not None and self.head_dim is not None:
+            raise ValueError("give heads_per_level or head_dim, not both")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim must be positive or None, got {self.head_dim}")
+        for name in ("norm_eps", "attention_norm_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("in_channels", "out_channels", "base_channels", "blocks_per_level", "num_heads", "groups"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -62,9 +92,26 @@ class UNetConfig:
         if any(width % self.groups for width in widths):
             raise ValueError(f"groups {self.groups} must divide every level's channels {widths}")
         # the middle block always attends, at the deepest level's width
-        attended = [w for w, attends in zip(widths[1:], self.attention_levels) if attends] + [widths[-1]]
-        if any(width % self.num_heads for width in attended):
-            raise ValueError(f"num_heads {self.num_heads} must divide the channels of every attention level {attended}")
+        attended = [(w, level) for level, (w, attends) in enumerate(zip(widths[1:], self.attention_levels)) if attends]
+        for width, level in attended + [(widths[-1], levels - 1)]:
+            heads = self.heads_at(level)
+            if heads < 1 or width % heads or (self.head_dim is not None and width % self.head_dim):
+                if self.head_dim is not None:
+                    raise ValueError(f"head_dim {self.head_dim} must divide the {width} channels of level {level}")
+                if self.heads_per_level is not None:
+                    raise ValueError(f"heads_per_level[{level}] = {heads} must divide its {width} channels")
+                channels = [width for width, _ in attended] + [widths[-1]]
+                raise ValueError(f"num_heads {heads} must divide the channels of every attention level {channels}")
+
+    def heads_at(self, level: int) -> int:
+        """The number of attention heads of the spatial transformers at `level` (the middle block: the last)."""
+        if self.head_dim is not None:
+            return self.base_channels * self.channel_multipliers[level] // self.head_dim
+        return self.heads_per_level[level] if self.heads_per_level is not None else self.num_heads
+
+    def depth_at(self, level: int) -> int:
+        """The number of transformer blocks of the spatial transformers at `level` (the middle block: the last)."""
+        return self.transformer_depth[level] if self.transformer_depth is not None else 1
 
     @property
     def embedding_dim(self) -> int:
@@ -117,7 +164,7 @@ class UNet(nn.Module, PretrainedMixin):
         for level, width in enumerate(widths):
             stages = []
             for _ in range(config.blocks_per_level):
-                stages.append(self._stage(channels, width, config.attention_levels[level]))
+                stages.append(self._stage(channels, width, config.attention_levels[level], level))
                 channels = width
                 skip_channels.append(channels)
             is_last = level == len(widths) - 1
@@ -125,7 +172,7 @@ class UNet(nn.Module, PretrainedMixin):
                 skip_channels.append(channels)
             self.down_levels.append(UNetLevel(stages, None if is_last else Downsample(channels)))
 
-        self.mid_stage = self._stage(channels, channels, attention=True)
+        self.mid_stage = self._stage(channels, channels, attention=True, level=len(widths) - 1)
         self.mid_residual = self._residual(channels, channels)
 
         self.up_levels = nn.ModuleList()
@@ -133,11 +180,11 @@ class UNet(nn.Module, PretrainedMixin):
             stages = []
             for _ in range(config.blocks_per_level + 1):
                 in_channels = channels + skip_channels.pop()  # the skip is concatenated to the input
-                stages.append(self._stage(in_channels, widths[level], config.attention_levels[level]))
+                stages.append(self._stage(in_channels, widths[level], config.attention_levels[level], level))
                 channels = widths[level]
             self.up_levels.append(UNetLevel(stages, Upsample(channels) if level > 0 else None))
 
-        self.norm_out = nn.GroupNorm(config.groups, channels)
+        self.norm_out = nn.GroupNorm(config.groups, channels, eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels, config.out_channels, 3, padding=1)
         # a fresh model predicts zero: the common start for diffusion training
         nn.init.zeros_(self.conv_out.weight)
@@ -152,18 +199,24 @@ class UNet(nn.Module, PretrainedMixin):
             groups=config.groups,
             dropout=config.dropout,
             scale_shift_norm=config.scale_shift_norm,
+            eps=config.norm_eps,
         )
 
-    def _stage(self, in_channels: int, out_channels: int, attention: bool) -> UNetStage:
+    def _stage(self, in_channels: int, out_channels: int, attention: bool, level: int) -> UNetStage:
         config = self.config
         transformer = None
         if attention:
             transformer = SpatialTransformer(
                 out_channels,
-                config.num_heads,
+                config.heads_at(level),
                 context_dim=config.context_dim,
                 groups=config.groups,
                 dropout=config.dropout,
+                depth=config.depth_at(level),
+                mlp=config.mlp,
+                qkv_bias=config.attention_qkv_bias,
+                upcast_attention=config.upcast_attention,
+                norm_eps=config.attention_norm_eps,
             )
         return UNetStage(self._residual(in_channels, out_channels), transformer)
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..nn import TransformerBlock
 from ..nn.attention import MultiHeadAttention
-from ..nn.mlp import MLP, SwiGLU
+from ..nn.mlp import GEGLU, MLP, SwiGLU
 from .quantize import COMPUTE_DTYPES, dequantize, dequantize_all, is_4bit, logical_shape, quantize_linears
 
 TARGETS = {
@@ -26,7 +26,7 @@ TARGETS = {
     "q": "cross-attention's query projection (q_proj)",
     "kv": "cross-attention's fused key/value projection (kv_proj)",
     "out": "attention output projections (out_proj)",
-    "mlp_in": "MLP input projections (fc_in, and fc_gate of SwiGLU)",
+    "mlp_in": "MLP input projections (fc_in, and fc_gate of SwiGLU; GEGLU's fc_in holds value and gate)",
     "mlp_out": "MLP output projections (fc_out)",
     "conv": "every convolution of a UNet",
 }
@@ -107,7 +107,7 @@ def layers_by_target(model: nn.Module) -> dict[str, list[str]]:
             else:
                 found["qkv"].append(path + "qkv_proj")
             found["out"].append(path + "out_proj")
-        elif isinstance(module, (MLP, SwiGLU)):
+        elif isinstance(module, (MLP, SwiGLU, GEGLU)):
             if isinstance(module, SwiGLU):
                 found["mlp_in"].append(path + "fc_gate")
             found["mlp_in"].append(path + "fc_in")

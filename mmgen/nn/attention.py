@@ -44,19 +44,26 @@ class MultiHeadAttention(nn.Module):
         *,
         context_dim: int | None = None,
         bias: bool = True,
+        qkv_bias: bool | None = None,
         dropout: float = 0.0,
+        upcast: bool = False,
     ):
+        """qkv_bias: whether the query/key/value projections have a bias (None: as `bias`, which the output
+        projection always follows; Stable Diffusion's UNet has none there). upcast: attend in float32 whatever the
+        input's dtype (Stable Diffusion 2.1's `upcast_attention`, which keeps float16 scores from overflowing)."""
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.is_cross_attention = context_dim is not None
+        self.upcast = upcast
+        qkv_bias = bias if qkv_bias is None else qkv_bias
         if self.is_cross_attention:
-            self.q_proj = nn.Linear(dim, dim, bias=bias)
-            self.kv_proj = nn.Linear(context_dim, 2 * dim, bias=bias)
+            self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv_proj = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
         else:
-            self.qkv_proj = nn.Linear(dim, 3 * dim, bias=bias)  # one matmul for queries, keys and values
+            self.qkv_proj = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # one matmul for queries, keys and values
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         self.dropout = dropout
         self.out_dropout = nn.Dropout(dropout)
@@ -100,10 +107,15 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         mask, is_causal = _combine_masks(q.shape[-2], k.shape[-2], past, causal, key_padding_mask, attn_mask, q.device)
+        dtype = q.dtype
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
+            if mask is not None and mask.dtype != torch.bool:
+                mask = mask.float()
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
-        out = out.transpose(1, 2).flatten(2)  # (batch, seq, dim)
+        out = out.to(dtype).transpose(1, 2).flatten(2)  # (batch, seq, dim)
         return self.out_dropout(self.out_proj(out))
 
 

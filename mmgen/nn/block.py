@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -13,7 +15,10 @@ from .positions import RotaryEmbedding
 
 
 class TransformerBlock(nn.Module):
-    """x + attn(norm(x)) [+ cross_attn(norm(x), context)] + mlp(norm(x)), each residual branch pre-normed."""
+    """x + attn(norm(x)) [+ cross_attn(norm(x), context)] + mlp(norm(x)), each residual branch pre-normed.
+
+    norm_position "post" is the original transformer's (and BERT's) order instead: x = norm(x + attn(x)), and so on
+    for each branch."""
 
     def __init__(
         self,
@@ -27,14 +32,22 @@ class TransformerBlock(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         context_dim: int | None = None,
+        norm_position: Literal["pre", "post"] = "pre",
+        qkv_bias: bool | None = None,
+        upcast_attention: bool = False,
     ):
+        """qkv_bias and upcast_attention: see MultiHeadAttention (its `qkv_bias` and `upcast`)."""
         super().__init__()
+        if norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position must be 'pre' or 'post', got {norm_position!r}")
+        self.norm_position = norm_position
         hidden = int(dim * mlp_ratio)
         self.norm_attn = make_norm(norm, dim, norm_eps, bias)
-        self.attn = MultiHeadAttention(dim, num_heads, bias=bias, dropout=dropout)
+        attention = dict(bias=bias, qkv_bias=qkv_bias, dropout=dropout, upcast=upcast_attention)
+        self.attn = MultiHeadAttention(dim, num_heads, **attention)
         if context_dim is not None:
             self.norm_cross = make_norm(norm, dim, norm_eps, bias)
-            self.cross_attn = MultiHeadAttention(dim, num_heads, context_dim=context_dim, bias=bias, dropout=dropout)
+            self.cross_attn = MultiHeadAttention(dim, num_heads, context_dim=context_dim, **attention)
         else:
             self.cross_attn = None
         self.norm_mlp = make_norm(norm, dim, norm_eps, bias)
@@ -53,6 +66,12 @@ class TransformerBlock(nn.Module):
         rotary: RotaryEmbedding | None = None,
     ) -> torch.Tensor:
         """x: (batch, seq, dim); context: (batch, context_seq, context_dim) for cross-attention."""
+        if self.norm_position == "post":
+            x = self.norm_attn(x + self.attn(x, causal=causal, key_padding_mask=key_padding_mask,
+                                             attn_mask=attn_mask, cache=cache, rotary=rotary))
+            if self.cross_attn is not None and context is not None:
+                x = self.norm_cross(x + self.cross_attn(x, context, key_padding_mask=context_padding_mask))
+            return self.norm_mlp(x + self.mlp(x))
         x = x + self.attn(
             self.norm_attn(x),
             causal=causal,
@@ -74,9 +93,12 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, **block_options) for _ in range(num_layers))
         self.gradient_checkpointing = gradient_checkpointing
 
-    def forward(self, x: torch.Tensor, *, caches: list[KVCache] | None = None, **options) -> torch.Tensor:
-        """Run every block; `caches` holds one KVCache per block for incremental decoding."""
-        for index, block in enumerate(self.blocks):
+    def forward(
+        self, x: torch.Tensor, *, caches: list[KVCache] | None = None, num_blocks: int | None = None, **options
+    ) -> torch.Tensor:
+        """Run every block (the first `num_blocks` only, when given); `caches` holds one KVCache per block for
+        incremental decoding."""
+        for index, block in enumerate(self.blocks[:num_blocks]):
             cache = caches[index] if caches is not None else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(_run_block, block, x, cache, options, use_reentrant=False)

@@ -92,10 +92,10 @@ class RecipeRun:
         """The checkpoint a resumed run continues from (None for a new run)."""
         return self.folder.latest() if self.resume else None
 
-    def caption_datasets(self, image_size: int, normalize: str, shapes_options: dict | None = None):
-        """`caption_datasets` of the recipe's data section, for this process (see the function)."""
+    def caption_datasets(self, image_size: int, normalize: str, shapes_options: dict | None = None, data=None):
+        """`caption_datasets` of the recipe's data section (or of `data`), for this process (see the function)."""
         recipe = self.recipe
-        return caption_datasets(recipe.data, image_size=image_size, normalize=normalize, seed=recipe.train.seed,
+        return caption_datasets(data or recipe.data, image_size=image_size, normalize=normalize, seed=recipe.train.seed,
                                 rank=self.state.process_index, world_size=self.state.num_processes,
                                 num_workers=recipe.train.num_workers, progress=self.progress,
                                 shapes_options=shapes_options)

@@ -20,7 +20,7 @@ from ..clip.model import CLIP
 from ..clip.preprocess import clip_input
 from ..data.images import make_grid, save_png
 from ..data.robust import collate_captions, robust
-from ..diffusion.objective import DenoisingLoss, DiffusionLossConfig
+from ..diffusion.objective import CachedLatentLoss, DenoisingLoss, DiffusionLossConfig
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.text2img import TextToImage, TextToImageConfig, tokenize_prompts
 from ..diffusion.unet import UNetConfig
@@ -56,6 +56,9 @@ class DiffusionDataConfig:
     crop_scale: tuple[float, float] | None = None  # None: resize + centre crop, no random crop
     max_bad_fraction: float = 0.01
     cache: bool = False  # decode the (finite) training set once and keep it in memory
+    # latent diffusion: a folder of cached VAE posterior moments and frozen text states (mmgen.diffusion.latent_cache),
+    # written on the first run and reused while data and encoders match; training then reads no pixels
+    latent_cache: str | None = None
     # shapes only: the fraction of training captions naming only some attributes (None: the dataset's default),
     # and whether such a caption without a colour comes with a grey image (CLIP's trick; a generator wants colour)
     partial_captions: float | None = None
@@ -248,17 +251,54 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
         recipe.model.unet = _unet_for(clip, recipe.model.unet)
         vae = load_vae(recipe.model.vae, recipe.model.unet) if recipe.model.vae is not None else None
         check_model_section(clip, vae, recipe.model)
-    train_set, val_set = run.caption_datasets(recipe.model.image_size, "minus_one_to_one", recipe.data.shapes_options())
+    data = recipe.data
+    if data.latent_cache is not None:
+        check_latent_cache_options(recipe)
+        data = replace(data, cache=False)  # the latent cache replaces the in-memory pixels
+    train_set, val_set = run.caption_datasets(recipe.model.image_size, "minus_one_to_one", data.shapes_options(), data)
     prompts = grid_prompts(recipe.samples, val_set or train_set) if run.state.is_main_process else []
 
     section = recipe.model
     model = run.build_model(lambda: with_guidance(TextToImage.from_text_encoder(
         clip, section.image_size, section.unet, section.schedule, vae), recipe.samples.guidance_scale), TextToImage)
     describe(model, run.state)
+    evaluate = SampleGrid(run.folder.path, prompts, recipe.samples)
+    if recipe.data.latent_cache is not None:
+        train_cache, val_cache = latent_caches(run, model, train_set, val_set)
+        return run.fit(model, loss_fn=CachedLatentLoss(model, recipe.loss), train_dataset=train_cache,
+                       val_dataset=val_cache, evaluate_fn=evaluate)
     return run.fit(model, loss_fn=DenoisingLoss(model, recipe.loss), train_dataset=robust(train_set),
-                   val_dataset=robust(val_set), collate_fn=CaptionTokens(model.context_length),
-                   evaluate_fn=SampleGrid(run.folder.path, prompts, recipe.samples),
+                   val_dataset=robust(val_set), collate_fn=CaptionTokens(model.context_length), evaluate_fn=evaluate,
                    max_bad_fraction=recipe.data.max_bad_fraction)
+
+
+def check_latent_cache_options(recipe: DiffusionRecipe) -> None:
+    """data.latent_cache needs latent diffusion and one fixed view per image."""
+    if recipe.model.vae is None:
+        raise ConfigError("data.latent_cache needs latent diffusion (model.vae): a pixel model has no latents")
+    if recipe.data.crop_scale is not None:
+        raise ConfigError("data.latent_cache keeps one view per image, so random crops would be frozen: set "
+                          "data.crop_scale: null, or leave data.latent_cache out")
+
+
+def latent_caches(run: RecipeRun, model: TextToImage, train_set, val_set) -> tuple:
+    """(train, val or None) LatentCaches in data.latent_cache/{train,val}: built by the main process on the
+    accelerator (the others wait, then read them), reused when they match."""
+    from ..diffusion.latent_cache import LatentCache
+
+    data = run.recipe.data
+    for dataset, spec in ((train_set, data.train), (val_set, data.val)):
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise ConfigError(f"data.latent_cache needs finite datasets (a table, a folder or shapes), not the "
+                              f"streamed shards of {spec}")
+    folder = Path(data.latent_cache).expanduser()
+    model.to(run.state.device)
+    caches = []
+    with run.state.main_process_first():
+        for name, dataset, spec in (("train", train_set, data.train), ("val", val_set, data.val)):
+            caches.append(None if dataset is None else LatentCache.open_or_build(
+                folder / name, model, dataset, spec, progress=run.progress and run.state.is_main_process))
+    return tuple(caches)
 
 
 def with_guidance(model: TextToImage, guidance_scale: float) -> TextToImage:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..clip.model import CLIP
-from ..clip.objective import ContrastiveObjective
+from ..clip.towers import TowerTraining
 from ..training import TrainConfig
 from .clip import (
     CLIPDataConfig,
@@ -18,17 +18,28 @@ from .clip import (
     HeldOutEvaluation,
     TokenizingCollate,
     build_datasets,
+    contrastive_objective,
 )
 from .finetune import FinetuneConfig, adapt, start
 
 
 @dataclass
 class CLIPFinetuneRecipe(FinetuneConfig):
-    """configs/finetune-clip-*.yaml: base, method, lora, data, loss and train sections."""
+    """configs/finetune-clip-*.yaml: base, method, lora, data, loss, accumulation, towers and train sections.
+
+    towers.lock_image with method full is locked-image tuning (LiT) of the base, e.g. a converted open_clip model."""
 
     data: CLIPDataConfig = field(default_factory=CLIPDataConfig)
     loss: Literal["infonce", "siglip"] = "infonce"
+    accumulation: Literal["cached-features", "micro-batches"] = "cached-features"
+    towers: TowerTraining = field(default_factory=TowerTraining)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.towers.locks and self.method != "full":
+            raise ValueError(f"towers.lock_image / lock_text need method: full ({self.method} already freezes the "
+                             "base and trains adapters)")
 
 
 def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False, base: str | None = None) -> CLIP:
@@ -36,13 +47,15 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
     run, model, _ = start(CLIPFinetuneRecipe, CLIP, config_path, run_dir, overrides, resume, base)
     recipe = run.recipe
     # the CLIP recipe's data, loss and evaluation pieces, on the base's model config
-    as_clip_recipe = CLIPRecipe(model=model.config, data=recipe.data, loss=recipe.loss, train=recipe.train)
+    as_clip_recipe = CLIPRecipe(model=model.config, data=recipe.data, loss=recipe.loss,
+                                accumulation=recipe.accumulation, towers=recipe.towers, train=recipe.train)
     train_set, val_set = build_datasets(as_clip_recipe, run.state.process_index, run.state.num_processes,
                                         run.progress)
     evaluation = HeldOutEvaluation(as_clip_recipe) if run.state.is_main_process else None
 
     model = run.build_model(lambda: model)
+    objective = contrastive_objective(as_clip_recipe, model, run.state)
     save_fn, load_fn = adapt(model, recipe)
-    return run.fit(model, loss_fn=ContrastiveObjective(recipe.loss), train_dataset=train_set, val_dataset=val_set,
+    return run.fit(model, loss_fn=objective, train_dataset=train_set, val_dataset=val_set,
                    collate_fn=TokenizingCollate(model.config.text.context_length), evaluate_fn=evaluation,
                    save_fn=save_fn, load_fn=load_fn, max_bad_fraction=recipe.data.max_bad_fraction)

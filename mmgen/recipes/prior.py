@@ -4,8 +4,10 @@ The frozen CLIP (`model.clip`, a CLIP run or model folder) gives both sides of e
 the condition, the image's scaled CLIP embedding is the clean sample x0. Its weights are copied into the prior, so
 the run folder needs nothing else afterwards. Captions are replaced by the empty prompt `loss.caption_dropout` of the
 time, for classifier-free guidance. Each evaluation samples embeddings for a fixed batch of held-out captions and
-logs their mean cosine similarity to the true image embeddings (val/cosine) beside that of the captions' own text
-embeddings (val/cosine_text_baseline), which the prior has to beat.
+logs, as DALLE2-pytorch's prior.md does, their mean cosine similarity to the true image embeddings (val/cosine), to
+the captions' text embeddings (val/cosine_text) and to an unrelated pair's image embedding (val/cosine_unrelated,
+which must stay low), beside the captions' text embeddings' similarity to the true image embeddings
+(val/cosine_text_baseline), which the prior has to beat.
 """
 
 from __future__ import annotations
@@ -76,22 +78,35 @@ class PriorRecipe:
 def embedding_similarity(prior: DiffusionPrior, images: torch.Tensor, captions: list[str], *, steps: int,
                          guidance_scale: float, seed: int = 0, batch_size: int = 256,
                          progress: bool = False) -> dict[str, float]:
-    """Mean cosine similarity to the true CLIP embeddings of `images` (CLIP-normalised, at the CLIP's size) of the
-    prior's sampled embeddings for `captions` ("cosine") and of the captions' text embeddings ("cosine_text_baseline").
-    """
+    """The prior measured as DALLE2-pytorch's prior.md does, on pairs of `images` (CLIP-normalised, at the CLIP's
+    size) and their `captions`; mean cosine similarities of the prior's sampled image embedding for each caption
+    - "cosine": to the true image embedding of its image (higher is better);
+    - "cosine_text": to the caption's own text embedding;
+    - "cosine_unrelated": to the true image embedding of the next pair's image, pairs with the same caption left out
+      (must stay low: a prior that ignores its caption scores as high here as in "cosine"; absent when no two
+      captions differ);
+    and "cosine_text_baseline": the caption's text embedding to the true image embedding (what a decoder would get
+    without a prior; the prior has to beat it)."""
     if len(images) != len(captions) or not captions:
         raise UserError(f"need as many images as captions, at least one; got {len(images)} and {len(captions)}")
     pipeline = PriorPipeline(prior)
     device = next(prior.parameters()).device
-    sampled, baseline = [], []
+    sampled, true, text = [], [], []
     for start in range(0, len(captions), batch_size):
         chunk = captions[start : start + batch_size]
-        true = prior.clip.encode_image(images[start : start + batch_size].to(device))
-        embeddings = pipeline(chunk, steps=steps, guidance_scale=guidance_scale, seed=seed + start, progress=progress)
-        text = prior.encode_text(tokenize_prompts(chunk, prior.context_length).to(device)).embedding
-        sampled.append((embeddings * true).sum(dim=-1))
-        baseline.append((text * true).sum(dim=-1))
-    return {"cosine": torch.cat(sampled).mean().item(), "cosine_text_baseline": torch.cat(baseline).mean().item()}
+        true.append(prior.clip.encode_image(images[start : start + batch_size].to(device)))
+        sampled.append(pipeline(chunk, steps=steps, guidance_scale=guidance_scale, seed=seed + start,
+                                progress=progress))
+        text.append(prior.encode_text(tokenize_prompts(chunk, prior.context_length).to(device)).embedding)
+    sampled, true, text = torch.cat(sampled), torch.cat(true), torch.cat(text)  # (pairs, embed_dim), unit length
+    similarity = {"cosine": (sampled * true).sum(-1).mean().item(),
+                  "cosine_text": (sampled * text).sum(-1).mean().item(),
+                  "cosine_text_baseline": (text * true).sum(-1).mean().item()}
+    unrelated = torch.tensor([caption != captions[index - 1] for index, caption in enumerate(captions)])
+    if unrelated.any():  # pair i against the image of pair i - 1
+        cosines = (sampled * true.roll(1, dims=0)).sum(-1)
+        similarity["cosine_unrelated"] = cosines[unrelated.to(cosines.device)].mean().item()
+    return similarity
 
 
 class SimilarityEvaluation:

@@ -4,27 +4,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..data.images import make_grid
 from ..errors import UserError
 from ..io import write_json
 from ..pipelines.text2img import TextToImagePipeline
 from ..run_folder import check_output_path, new_output_folder
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_prompt: int = 4, clip_model=None,
-                  device: str = "cpu", adapter=None, **options) -> list[Path]:
+                  device: str = "cpu", adapter=None, dtype: str = "fp32", **options) -> list[Path]:
     """Write OUT_DIR/000.png ... (prompt by prompt), grid.png (a row per prompt) and samples.json, all at once.
 
-    `options` go to TextToImagePipeline.__call__. An existing OUT_DIR that holds files is refused, never overwritten.
+    `dtype` (fp32, bf16, fp16) is the precision the model samples in; `options` go to TextToImagePipeline.__call__.
+    An existing OUT_DIR that holds files is refused, never overwritten.
     """
     out_dir = Path(out_dir)
     with new_output_folder(out_dir) as staging:
-        pipeline = on_device(device, lambda: TextToImagePipeline.from_pretrained(checkpoint, clip_model=clip_model,
-                                                                                 device=device, adapter=adapter))
+        pipeline = on_device(device, lambda: TextToImagePipeline.from_pretrained(
+            checkpoint, clip_model=clip_model, device=device, adapter=adapter, dtype=DTYPES[dtype]))
         images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
         entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
         record = {"checkpoint": str(checkpoint), "adapter": adapter and str(adapter),
-                  "num_images_per_prompt": num_images_per_prompt, **options}
+                  "num_images_per_prompt": num_images_per_prompt, "dtype": dtype, **options}
         names = write_samples(staging, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
     return [out_dir / name for name in names]
 

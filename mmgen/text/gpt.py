@@ -87,6 +87,10 @@ class GPT(nn.Module, PretrainedMixin):
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
         """Logits (batch, seq, vocab) for tokens (batch, seq); with `caches`, tokens follow the cached ones."""
+        return self.lm_head(self.hidden_states(tokens, caches))
+
+    def hidden_states(self, tokens: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """The final-norm outputs (batch, seq, dim) that the logits are read from (what a classifier head reads)."""
         offset = len(caches[0]) if caches else 0
         if offset + tokens.shape[1] > self.config.context_length:
             raise ValueError(f"{offset + tokens.shape[1]} tokens exceed the context length {self.config.context_length}")
@@ -94,7 +98,7 @@ class GPT(nn.Module, PretrainedMixin):
         if self.position_embedding is not None:
             x = x + self.position_embedding(tokens.shape[1], offset)
         x = self.transformer(self.dropout(x), causal=True, caches=caches, rotary=self.rotary)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def new_caches(self) -> list[KVCache]:
         """Empty KV caches for incremental decoding."""

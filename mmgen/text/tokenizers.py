@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..errors import CheckpointError, UserError
@@ -11,32 +12,40 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class CharTokenizer:
-    """One token per distinct character of the training corpus (nanoGPT's shakespeare_char)."""
+    """One token per distinct character of the training corpus (nanoGPT's shakespeare_char).
+
+    `specials` (such as "[MASK]" for a masked LM) are whole tokens after the characters; in text they are written
+    out and encode to their one id."""
 
     kind = "char"
 
-    def __init__(self, chars: str):
+    def __init__(self, chars: str, specials: tuple[str, ...] = ()):
         self.chars = chars
+        self.specials = tuple(specials)
         self.index = {char: i for i, char in enumerate(chars)}
+        self.special_index = {special: len(chars) + i for i, special in enumerate(self.specials)}
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, self.specials)) + ")") if specials else None
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
-        """Vocabulary = the sorted set of characters in `text`."""
-        return cls("".join(sorted(set(text))))
+    def train(cls, text: str, specials: tuple[str, ...] = ()) -> "CharTokenizer":
+        """Vocabulary = the sorted set of characters in `text`, then `specials`."""
+        return cls("".join(sorted(set(text))), specials)
 
     @property
     def vocab_size(self) -> int:
-        return len(self.chars)
+        return len(self.chars) + len(self.specials)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a character outside the vocabulary is a UserError naming it."""
+        parts = self._special_pattern.split(text) if self._special_pattern else [text]
         try:
-            return [self.index[char] for char in text]
+            return [id for i, part in enumerate(parts)
+                    for id in ([self.special_index[part]] if i % 2 else [self.index[char] for char in part])]
         except KeyError as error:
             raise UserError(f"character {error.args[0]!r} is not in the model's vocabulary") from None
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.chars[i] if i < len(self.chars) else self.specials[i - len(self.chars)] for i in ids)
 
     def token_id(self, text: str) -> int:
         """The id of a single-token string (such as a stop token)."""
@@ -46,7 +55,10 @@ class CharTokenizer:
         return ids[0]
 
     def to_json(self) -> str:
-        return json.dumps({"mmgen_tokenizer": "char", "chars": self.chars})
+        data = {"mmgen_tokenizer": "char", "chars": self.chars}
+        if self.specials:
+            data["specials"] = list(self.specials)
+        return json.dumps(data)
 
 
 class BPETokenizer:
@@ -109,7 +121,10 @@ def load_tokenizer(folder: str | Path) -> CharTokenizer | BPETokenizer:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"corrupt tokenizer file: {path}") from None
     if isinstance(data, dict) and data.get("mmgen_tokenizer") == "char" and isinstance(data.get("chars"), str):
-        return CharTokenizer(data["chars"])
+        specials = data.get("specials", [])
+        if not isinstance(specials, list) or not all(isinstance(item, str) and item for item in specials):
+            raise CheckpointError(f"corrupt tokenizer file: {path}")
+        return CharTokenizer(data["chars"], tuple(specials))
     from tokenizers import Tokenizer
 
     try:

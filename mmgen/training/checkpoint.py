@@ -15,7 +15,11 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Split an optimizer state_dict into tensors (safetensors) and the rest (JSON)."""
-    state = optimizer.state_dict()
+    optimizer_state_to_files(optimizer.state_dict(), folder)
+
+
+def optimizer_state_to_files(state: dict, folder: Path) -> None:
+    """`optimizer_to_files` of a state dict (one gathered from a sharded model, keyed by parameter index)."""
     tensors, scalars = {}, {}
     for index, values in state["state"].items():
         for name, value in values.items():
@@ -29,7 +33,16 @@ def optimizer_to_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
 
 def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Inverse of `optimizer_to_files`."""
-    tensors = load_tensors(folder / OPTIMIZER_TENSORS)
+    state = optimizer_state_from_files(folder)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{folder}: optimizer state does not match the model ({error})") from None
+
+
+def optimizer_state_from_files(folder: Path, tensors: dict[str, torch.Tensor] | None = None) -> dict:
+    """The state dict `optimizer_to_files` wrote (its tensors given as `tensors` when they were stored elsewhere)."""
+    tensors = load_tensors(folder / OPTIMIZER_TENSORS) if tensors is None else tensors
     meta = read_json(folder / "optimizer.json")
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta.get("scalars", {}).items()):
@@ -39,10 +52,7 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, folder: Path) -> None
     for group in groups:
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{folder}: optimizer state does not match the model ({error})") from None
+    return {"state": state, "param_groups": groups}
 
 
 def rng_to_file(path: Path) -> None:

@@ -16,12 +16,14 @@ from .checkpoint import (
     rng_from_file,
     rng_to_file,
 )
+from .fsdp import local_tensor
 from .metrics import truncate_metrics
 
 
 class Checkpoints:
     """Mixed into the Trainer, whose attributes it uses: accelerator, run (RunFolder), run_dir, config, model,
-    optimizer, ema, step, save_fn, load_fn, _window_loss, _model_to_keep() and _on_any_process()."""
+    optimizer, ema, sharding (train.fsdp's ShardedTraining or None), step, save_fn, load_fn, _window_loss,
+    _model_to_keep() and _on_any_process()."""
 
     def _diverged(self, step: int, loss: float):
         """Stop on a non-finite loss, naming the last good checkpoint (nothing is written from this state)."""
@@ -32,7 +34,8 @@ class Checkpoints:
 
     def _check_finite(self) -> None:
         """Refuse to save a state whose loss window or trainable weights hold NaN / inf."""
-        parameters = [p.detach() for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+        parameters = [local_tensor(p.detach()) for p in self.accelerator.unwrap_model(self.model).parameters()
+                      if p.requires_grad]
         norms = torch.stack([norm.float() for norm in torch._foreach_norm(parameters)]) if parameters else None
         finite = bool(torch.isfinite(self._window_loss).all()) and (norms is None or bool(torch.isfinite(norms).all()))
         if self._on_any_process(not finite):
@@ -52,16 +55,23 @@ class Checkpoints:
         except OSError as error:
             failure = error
         accelerator.wait_for_everyone()
+        if self.sharding is not None and self._on_any_process(failure is not None) and failure is None:
+            failure = OSError("it failed on another process")  # every process must skip the gather alike
         staging = self.run.checkpoint_staging_path(step)
         try:
-            if failure is None and accelerator.is_main_process:
+            if failure is None and self.sharding is not None:  # every process: gathers, or writes its shards
+                self.sharding.save(staging, self.optimizer, self.ema, self.save_fn)
+            elif failure is None and accelerator.is_main_process:
                 self.save_fn(accelerator.unwrap_model(self.model), staging)
                 optimizer_to_files(self.optimizer, staging)
                 if self.ema is not None:
                     self.ema.save(staging)
+            if failure is None and accelerator.is_main_process:
                 state = {"step": step, "num_processes": accelerator.num_processes}
                 if accelerator.scaler is not None:  # fp16's loss scale: resuming without it restarts at 65536
                     state["grad_scaler"] = accelerator.scaler.state_dict()
+                if self.throughput is not None and self.throughput.flops_per_step is not None:
+                    state["flops_per_step"] = self.throughput.flops_per_step
                 self.run.write_state(staging, state)
             if failure is None:
                 rng_to_file(staging / f"rng-{accelerator.process_index}.safetensors")
@@ -86,10 +96,12 @@ class Checkpoints:
         folder = self.run.final
         self.accelerator.wait_for_everyone()
         failure = None
+        # train.fsdp: every process takes part in the gather, the main one gets the whole model (its EMA when on)
+        model = self.sharding.gathered_model(self.ema) if self.sharding is not None else self._model_to_keep()
         if self.accelerator.is_main_process:
             try:
                 with atomic_folder(folder) as staging:
-                    self.save_fn(self._model_to_keep(), staging)
+                    self.save_fn(model, staging)
             except OSError as error:
                 failure = error
         if self._on_any_process(failure is not None):
@@ -103,11 +115,15 @@ class Checkpoints:
 
     def _load_checkpoint(self, folder: Path) -> None:
         state = self.run.read_state(folder)
-        self.load_fn(self.model, folder)
-        optimizer_from_files(self.optimizer, folder)
-        if self.ema is not None:
-            self.ema.load(folder, self.model)
+        if self.sharding is not None:
+            self.sharding.load(folder, self.optimizer, self.ema, self.load_fn)
+        else:
+            self.load_fn(self.model, folder)
+            optimizer_from_files(self.optimizer, folder)
+            if self.ema is not None:
+                self.ema.load(folder, self.model)
         self.step = state["step"]
+        self.flops_per_step = state.get("flops_per_step")
         if self.accelerator.scaler is not None and state.get("grad_scaler"):
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         rng_file = folder / f"rng-{self.accelerator.process_index}.safetensors"

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -22,12 +22,16 @@ from ..data.robust import BadSampleTracker
 from ..errors import ConfigError, UserError
 from ..hub import WEIGHTS_NAME, load_weights
 from ..run_folder import RunFolder
+from .accumulation import GradientPasses
 from .batches import Batches
 from .checkpointing import Checkpoints
 from .ema import ExponentialMovingAverage
+from .fsdp import FSDPConfig
 from .interrupts import DeferredStop, Interrupted
 from .metrics import MetricsLogger
 from .optim import learning_rate, make_optimizer
+from .sharded_state import sharding_for
+from .throughput import Throughput
 
 
 @dataclass
@@ -45,6 +49,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0  # 0 turns clipping off
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # FSDP2 sharding across processes (mmgen.training.fsdp)
     eval_every: int = 250
     eval_batches: int = 20
     log_every: int = 10
@@ -56,9 +61,12 @@ class TrainConfig:
     num_workers: int = 0
     tensorboard: bool = True
     progress: bool = True
+    profile: bool = False  # write a torch.profiler trace of a few steps to RUN_DIR/profile/ (mmgen.training.throughput)
+    profile_steps: int = 3
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum_steps", "max_steps", "eval_batches", "log_every", "keep_checkpoints",
+                     "profile_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_workers", "grad_clip", "weight_decay"):
@@ -104,6 +112,9 @@ class Trainer(Checkpoints):
     the model folder (default: config.json + model.safetensors) and `load_fn(model, folder)` reads it back into the
     model on resume (default: model.safetensors; an adapter run passes mmgen.finetune.load_adapter). With `config.ema_decay` > 0 both get the EMA model
     at evaluations and for final/ (val/loss and checkpoints' model.safetensors use the trained weights).
+    A `loss_fn` whose `takes_whole_step` is true gets, with grad_accum_steps > 1, all micro-batches of a step at once
+    through `loss_fn.step(model, micro_batches, passes)` (mmgen.training.accumulation) and runs their backward passes
+    itself (CLIP's cached-feature contrastive accumulation); it returns the step's loss.
     """
 
     check_loss_every_step: bool | None = None  # None: on CPU only (free there; a host sync per step elsewhere)
@@ -137,6 +148,8 @@ class Trainer(Checkpoints):
         self.val_dataset = val_dataset
         self.collate_fn = collate_fn
         self.evaluate_fn = evaluate_fn
+        self.flops_per_step: int | None = None  # counted on a fresh run's first step; a checkpoint records it
+        self.throughput = None
         self.save_fn = save_fn
         self.load_fn = load_fn
         self.tokens_per_sample = tokens_per_sample
@@ -153,9 +166,14 @@ class Trainer(Checkpoints):
                                    "(bf16 is the mixed precision CPUs support)", file=sys.stderr)
         self.batches = Batches(config, collate_fn, self.accelerator.process_index, self.accelerator.num_processes,
                                pin_memory=self.accelerator.device.type == "cuda")
+        self.sharding = sharding_for(model, config, self.accelerator)  # train.fsdp, or Accelerate's FSDP/DeepSpeed
         self.model = model
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay, config.betas)
-        self.ema = ExponentialMovingAverage(model, config.ema_decay, config.ema_warmup) if config.ema_decay else None
+        self.ema = None
+        if config.ema_decay and self.sharding is not None:
+            self.ema = self.sharding.make_ema(config.ema_decay, config.ema_warmup)
+        elif config.ema_decay:
+            self.ema = ExponentialMovingAverage(model, config.ema_decay, config.ema_warmup)
         self.step = 0
         self.stop = DeferredStop()
         self._window_loss = torch.zeros(())  # the losses since the last log step (checked before every save)
@@ -184,7 +202,10 @@ class Trainer(Checkpoints):
             raise UserError(f"--resume: {self.run_dir} has no checkpoints/step-N folder to resume from")
         if resume_folder is not None:
             self._load_checkpoint(resume_folder)
-        model, optimizer = accelerator.prepare(self.model, self.optimizer)
+        if self.sharding is not None:
+            model, optimizer = self.sharding.prepare(accelerator, self.model, self.optimizer)
+        else:
+            model, optimizer = accelerator.prepare(self.model, self.optimizer)
         self.prepared_model = model
         if self.ema is not None:
             self.ema.to(accelerator.device)
@@ -206,6 +227,12 @@ class Trainer(Checkpoints):
             check_every_step = accelerator.device.type == "cpu"
         self._window_loss = torch.zeros((), device=accelerator.device)
         window_extras: dict[str, list[float]] = {}
+        throughput = Throughput(config, accelerator.device, self.step, self.run.profile_folder, accelerator.process_index,
+                                write=progress.write if accelerator.is_main_process else None)
+        # counting changes a step's floating-point order (dispatch through the counter), so a resumed run takes the
+        # count its checkpoint recorded instead of counting a step the uninterrupted run did not count
+        throughput.flops_per_step = self.flops_per_step
+        self.throughput = throughput
         window_steps, window_start = 0, time.perf_counter()
         model.train()
         try:
@@ -220,7 +247,8 @@ class Trainer(Checkpoints):
                 )
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                step_loss = self._accumulate_gradients(model, train_batches, window_extras)
+                with throughput.counting():  # the first step's FLOPs (watched, not recomputed)
+                    step_loss = self._accumulate_gradients(model, train_batches, window_extras)
                 if check_every_step and self._on_any_process(not bool(torch.isfinite(step_loss))):
                     self._diverged(self.step + 1, step_loss.item())  # before the update: the weights stay good
                 if config.grad_clip > 0:
@@ -233,6 +261,7 @@ class Trainer(Checkpoints):
                 self._window_loss += step_loss
                 window_steps += 1
                 progress.update(1)
+                throughput.step_done()
 
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
                     elapsed = time.perf_counter() - window_start
@@ -245,7 +274,9 @@ class Trainer(Checkpoints):
                     metrics["throughput/samples_per_s"] = global_batch * window_steps / elapsed
                     if self.tokens_per_sample:
                         metrics["throughput/tokens_per_s"] = metrics["throughput/samples_per_s"] * self.tokens_per_sample
-                    progress.set_postfix({"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}"}, refresh=False)
+                    metrics.update(throughput.metrics(window_steps, elapsed))
+                    progress.set_postfix({"loss": f"{train_loss:.4f}", "lr": f"{lr:.2e}", **throughput.postfix(metrics)},
+                                         refresh=False)
                     if logger:
                         logger.log(self.step, metrics)
                     self._window_loss.zero_()
@@ -274,6 +305,7 @@ class Trainer(Checkpoints):
                                  "no checkpoint was written yet"), 130) from None
         finally:
             progress.close()
+            throughput.close()
             if logger:
                 logger.close()
         self.save_final()
@@ -284,23 +316,32 @@ class Trainer(Checkpoints):
         """Forward and backward over one step's micro-batches; returns the step's (detached) loss."""
         accelerator, config = self.accelerator, self.config
         step_loss = torch.zeros((), device=accelerator.device)
+        if config.grad_accum_steps > 1 and getattr(self.loss_fn, "takes_whole_step", False):
+            # the objective runs the step's passes itself (CLIP's cached-feature accumulation): it gets all of them
+            batches = [self._next_batch(train_batches, window_extras) for _ in range(config.grad_accum_steps)]
+            loss, extras = _split_loss(self.loss_fn.step(model, batches, GradientPasses(accelerator, model)))
+            _add_extras(window_extras, extras)
+            return step_loss + loss.detach().float()
         for micro_step in range(config.grad_accum_steps):
-            batch = _to_device(next(train_batches), accelerator.device)
-            if self.bad_samples is not None:
-                self.bad_samples.update(batch)
-                if self.bad_samples.skipped:
-                    window_extras.setdefault("data/skipped_total", []).append(self.bad_samples.skipped)
+            batch = self._next_batch(train_batches, window_extras)
             last = micro_step == config.grad_accum_steps - 1
             sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
                 loss, extras = _split_loss(self.loss_fn(model, batch))
                 loss = loss / config.grad_accum_steps
-            for name, value in extras.items():
-                # tensors stay on the device until the log step: no host sync per step
-                window_extras.setdefault(name, []).append(value.detach() if torch.is_tensor(value) else value)
+            _add_extras(window_extras, extras)
             accelerator.backward(loss)
             step_loss += loss.detach().float()
         return step_loss
+
+    def _next_batch(self, train_batches, window_extras: dict):
+        """The next training batch on the device, its skipped samples counted."""
+        batch = _to_device(next(train_batches), self.accelerator.device)
+        if self.bad_samples is not None:
+            self.bad_samples.update(batch)
+            if self.bad_samples.skipped:
+                window_extras.setdefault("data/skipped_total", []).append(self.bad_samples.skipped)
+        return batch
 
     def _on_any_process(self, flag: bool) -> bool:
         """Whether `flag` holds on any process: every process must take the same branch (stop, or save, at the same
@@ -344,13 +385,17 @@ class Trainer(Checkpoints):
                 count += 1
             if count:
                 metrics["val/loss"] = accelerator.reduce(total / count, reduction="mean").item()
-        if self.evaluate_fn is not None:
+        if self.sharding is not None:  # evaluate_fn may run on the main process alone: it gets a gathered model
+            metrics.update(self.sharding.evaluate(self.evaluate_fn, self.ema, self.step, accelerator.device))
+        elif self.evaluate_fn is not None:
             metrics.update(self.evaluate_fn(self._model_to_keep(), self.step))
         model.train()
         return metrics
 
     def _model_to_keep(self) -> torch.nn.Module:
         """What is evaluated, saved as final/ and returned: the EMA model when EMA is on, else the trained one."""
+        if self.sharding is not None:
+            return self.model  # sharded; final/ and evaluate_fn get it (or its EMA) gathered
         return self.ema.model if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
 def _split_loss(output) -> tuple[torch.Tensor, dict]:
@@ -358,6 +403,12 @@ def _split_loss(output) -> tuple[torch.Tensor, dict]:
     if isinstance(output, tuple):
         return output[0], output[1]
     return output, {}
+
+
+def _add_extras(window_extras: dict, extras: dict) -> None:
+    """Append a step's extra metrics; tensors stay on the device until the log step (no host sync per step)."""
+    for name, value in extras.items():
+        window_extras.setdefault(name, []).append(value.detach() if torch.is_tensor(value) else value)
 
 
 def _summarise(extras: dict[str, list]) -> dict[str, float]:
