@@ -7,6 +7,7 @@ RUN_DIR/tensorboard/              the same scalars for TensorBoard
 RUN_DIR/profile/                  train.profile=true: torch.profiler trace and op summary of a few steps, per rank
 RUN_DIR/checkpoints/step-N/       resumable state (model, optimizer, RNG, trainer_state.json, ema.safetensors)
 RUN_DIR/final/                    the trained model folder
+RUN_DIR/best/                     train.best_metric: the model of the evaluation where that metric was best (+ best.json)
 ```
 
 Every change is a rename of a finished temporary folder (`.step-N.tmp`, `.final.tmp-*`), so a crash never leaves a
@@ -35,6 +36,8 @@ TENSORBOARD_FOLDER = "tensorboard"
 PROFILE_FOLDER = "profile"
 CHECKPOINTS_FOLDER = "checkpoints"
 FINAL_FOLDER = "final"
+BEST_FOLDER = "best"
+BEST_RECORD = "best.json"  # in best/: the metric, its value and the step
 TRAINER_STATE_FILE = "trainer_state.json"
 EMA_WEIGHTS_FILE = "ema.safetensors"  # in a checkpoint: the EMA of the trainable weights (mmgen.training.ema)
 
@@ -43,7 +46,7 @@ EMA_WEIGHTS_FILE = "ema.safetensors"  # in a checkpoint: the EMA of the trainabl
 FORMAT_VERSION = 1
 
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
-_TEMPORARY_NAMES = (re.compile(r"\.step-\d+\.(tmp|old)"), re.compile(r"\.final\.(tmp|old)-.*"))
+_TEMPORARY_NAMES = (re.compile(r"\.step-\d+\.(tmp|old)"), re.compile(r"\.(final|best)\.(tmp|old)-.*"))
 _HELD_LOCKS: dict[Path, int] = {}  # resolved run folder -> open file descriptor holding its flock
 _CREATED_BY_LOCK: set[Path] = set()  # folders lock() created: unlock() removes them again while still empty
 
@@ -78,6 +81,10 @@ class RunFolder:
     @property
     def final(self) -> Path:
         return self.path / FINAL_FOLDER
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST_FOLDER
 
     @property
     def checkpoints_folder(self) -> Path:
@@ -148,8 +155,8 @@ class RunFolder:
     def clean(self) -> list[Path]:
         """Remove temporary folders left by a killed process; return what was removed.
 
-        A kill between the two renames that replace final/ leaves the old final/ inside `.final.old-*`: it is put
-        back, so final/ is never lost."""
+        A kill between the two renames that replace final/ (or best/) leaves the old one inside `.final.old-*`
+        (`.best.old-*`): it is put back, so neither is ever lost."""
         removed = []
         for parent in (self.path, self.checkpoints_folder):
             if not parent.is_dir():
@@ -157,9 +164,10 @@ class RunFolder:
             for child in sorted(parent.iterdir()):
                 if not any(pattern.fullmatch(child.name) for pattern in _TEMPORARY_NAMES):
                     continue
-                previous_final = child / FINAL_FOLDER
-                if child.name.startswith(".final.old-") and previous_final.is_dir() and not self.final.exists():
-                    os.replace(previous_final, self.final)
+                for name, target in ((FINAL_FOLDER, self.final), (BEST_FOLDER, self.best)):
+                    previous = child / name
+                    if child.name.startswith(f".{name}.old-") and previous.is_dir() and not target.exists():
+                        os.replace(previous, target)
                 shutil.rmtree(child, ignore_errors=True)
                 removed.append(child)
         return removed

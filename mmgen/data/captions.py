@@ -7,25 +7,22 @@ sample; batch them with `robust.collate_captions`.
 from __future__ import annotations
 
 import csv
-import io
 import json
-import re
-import sys
-import tarfile
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
 from ..errors import UserError
 from .images import image_transform
 from .robust import BadSample, load_sample
 from .shapes import SPLITS, ShapesDataset
+from .shards import IMAGE_EXTENSIONS, SHUFFLE_BUFFER, WebDatasetShards, expand_braces, shard_list
+
+__all__ = ["build_caption_dataset", "expand_braces", "CaptionTable", "LabelledImageFolder", "WebDatasetShards"]
 
 TABLE_FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a good photo of a {}.",
@@ -34,7 +31,6 @@ DEFAULT_TEMPLATES = (
     "an image of a {}.",
     "a cropped photo of a {}.",
 )
-SHUFFLE_BUFFER = 1000  # raw samples per reader when streaming shards for training
 
 
 def build_caption_dataset(
@@ -51,6 +47,7 @@ def build_caption_dataset(
     rank: int = 0,
     world_size: int = 1,
     shapes_options: Mapping | None = None,
+    captions_per_image: str = "random",
 ):
     """The caption dataset that `spec` names:
 
@@ -59,8 +56,10 @@ def build_caption_dataset(
       (mmgen.data.shapes.EXTRA_SHAPES) making up a share F of the items if given; SPLIT defaults to `split` (the
       only use of `split`: for a path, the file is the split). "./shapes" means a path.
     - a .csv / .tsv / .jsonl table -> CaptionTable with `columns` = (image column, caption column);
-    - a .tar shard, a folder of .tar shards or a brace pattern "shards-{000..009}.tar" -> WebDatasetShards,
-      streamed and split over (rank, world_size) and DataLoader workers;
+    - a .tar shard, a folder of .tar shards, a brace pattern "shards-{000..009}.tar", a `pipe:COMMAND` or an
+      http(s)/s3 URL (braces allowed) -> WebDatasetShards (mmgen.data.shards), streamed and split over
+      (rank, world_size) and DataLoader workers; with several captions per image (.txt lines or a .json list) training
+      draws one (`captions_per_image` "random") or takes the first ("first"; evaluation always does);
     - a folder with one sub-folder of images per class -> LabelledImageFolder with prompt `templates`.
     `train` picks random crops (`crop_scale`; shapes are never cropped) and shuffled shards; `normalize` is
     "clip" or "minus_one_to_one"; `shapes_options` are ShapesDataset keyword arguments (group_size, partial_captions,
@@ -69,28 +68,21 @@ def build_caption_dataset(
     if spec == "shapes" or spec.startswith("shapes:"):
         return _shapes_dataset(spec, split, image_size, seed, normalize, shapes_options or {})
     transform = image_transform(image_size, train=train, normalize=normalize, crop_scale=crop_scale)
-    stream = {"rank": rank, "world_size": world_size, "seed": seed, "shuffle_buffer": SHUFFLE_BUFFER if train else 0}
-    if "{" in spec:
-        shards = [str(Path(name).expanduser()) for name in expand_braces(spec)]
-        missing = [shard for shard in shards if not Path(shard).is_file()]
-        if missing:
-            raise UserError(f"{len(missing)} of the {len(shards)} shards named by {spec} do not exist, e.g. {missing[0]}")
+    stream = {"rank": rank, "world_size": world_size, "seed": seed, "shuffle_buffer": SHUFFLE_BUFFER if train else 0,
+              "captions_per_image": captions_per_image if train else "first"}
+    shards = shard_list(spec)
+    if shards is not None:
         return WebDatasetShards(shards, transform, **stream)
     path = Path(spec).expanduser()
     if not path.exists():
         raise UserError(f"data path not found: {path}")
     if path.is_dir():
-        shards = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
-        if shards:
-            return WebDatasetShards(shards, transform, **stream)
         return LabelledImageFolder(path, transform, templates=templates, train=train, seed=seed)
-    if path.name.endswith(SHARD_SUFFIXES):
-        return WebDatasetShards([path], transform, **stream)
     if path.suffix.lower() in TABLE_FORMATS:
         return CaptionTable(path, transform, columns=columns)
     raise UserError(
         f"{path}: unknown data format {path.suffix or '(no suffix)'!r}; expected a .csv/.tsv/.jsonl table, "
-        ".tar shards (a file, a folder or a {000..009} pattern), a folder of class sub-folders, or 'shapes'"
+        ".tar shards (a file, a folder, a {000..009} pattern, a pipe: command or a URL), a folder of class sub-folders, or 'shapes'"
     )
 
 
@@ -112,26 +104,6 @@ def _shapes_dataset(spec: str, split: str, image_size: int, seed: int, normalize
             raise UserError(f"data spec {spec!r}: {part!r} is neither a split ({', '.join(SPLITS)}), a size, "
                             "extra=SHAPE[,SHAPE] nor extra_fraction=F")
     return ShapesDataset(split, size, image_size, seed, normalize=normalize, **options)
-
-
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Every name a brace pattern stands for, in order: "s-{00..02}.tar" -> s-00, s-01, s-02; "{a,b}" -> a, b."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    if ".." in body:
-        start, end = body.split("..", 1)
-        if not (start.isdigit() and end.isdigit()) or int(end) < int(start):
-            raise UserError(f"{pattern}: bad range {{{body}}}; expected e.g. {{000..009}}")
-        options = [f"{number:0{len(start)}d}" for number in range(int(start), int(end) + 1)]
-    else:
-        options = body.split(",")
-    head, tail = pattern[: match.start()], pattern[match.end():]
-    return [name for option in options for name in expand_braces(head + option + tail)]
 
 
 class CaptionTable(Dataset):
@@ -241,132 +213,3 @@ class LabelledImageFolder(Dataset):
     def __getitem__(self, index: int):
         path = self.files[index]
         return load_sample(path, self.caption(index), self.transform, source=str(path), label=self.labels[index])
-
-
-class WebDatasetShards(IterableDataset):
-    """Streams image + .txt samples from WebDataset .tar shards (Python's tarfile, no extra dependency).
-
-    Every (process, DataLoader worker) pair is one reader: with at least as many shards as readers each reads
-    its own shards, otherwise every reader scans all shards and keeps every readers-th sample. One pass per
-    iteration; with `shuffle_buffer` > 0 the shard order (seeded by seed and `set_epoch`) and the samples (a
-    buffer of that many) are shuffled."""
-
-    def __init__(self, shards: Sequence[str | Path], transform: Callable, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 0):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.shards = [str(shard) for shard in shards]
-        self.transform = transform
-        self.rank = rank
-        self.world_size = world_size
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Shuffle the shards differently in the next pass (every process must pass the same epoch)."""
-        self.epoch = epoch
-
-    def _reader(self) -> tuple[int, int]:
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        return self.rank * workers + worker_id, self.world_size * workers
-
-    def _raw_samples(self) -> Iterator:
-        reader, readers = self._reader()
-        shards = self.shards
-        if self.shuffle_buffer:  # the same order in every reader, so the split below stays disjoint
-            shards = [shards[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(shards))]
-        if len(shards) >= readers:
-            for shard in shards[reader::readers]:
-                yield from _tar_samples(shard)
-            return
-        for position, sample in enumerate(sample for shard in shards for sample in _tar_samples(shard)):
-            if position % readers == reader:
-                yield sample
-
-    def __iter__(self):
-        samples = self._raw_samples()
-        if self.shuffle_buffer:
-            reader, _ = self._reader()
-            samples = _shuffled(samples, self.shuffle_buffer, np.random.default_rng([self.seed, self.epoch, reader, 1]))
-        for sample in samples:
-            yield sample if isinstance(sample, BadSample) else self._decode(*sample)
-
-    def _decode(self, source: str, files: dict):
-        image_key = next((extension for extension in IMAGE_EXTENSIONS if extension in files), None)
-        if image_key is None:
-            return BadSample(source, "no image file")
-        if "txt" not in files:
-            return BadSample(source, "no .txt caption")
-        try:
-            caption = files["txt"].decode("utf-8")
-        except UnicodeDecodeError:
-            return BadSample(source, "caption is not UTF-8")
-        return load_sample(io.BytesIO(files[image_key]), caption, self.transform, source=source)
-
-
-class _EndAwareTarInfo(tarfile.TarInfo):
-    """TarInfo that notes on the archive why reading headers stopped, so that a shard cut short at a member
-    boundary (no end-of-archive zero block: tarfile just stops) can be told from a complete one."""
-
-    @classmethod
-    def fromtarfile(cls, archive):
-        try:
-            return super().fromtarfile(archive)
-        except tarfile.HeaderError as error:
-            archive.mmgen_stop = error
-            raise
-
-
-_warned_shards: set[str] = set()  # shards already named in a warning by this process
-
-
-def _damaged_shard(shard: str, reason: str) -> BadSample:
-    """The BadSample for a damaged shard, warning about it once per shard (the tracker names only a few)."""
-    if shard not in _warned_shards:
-        _warned_shards.add(shard)
-        print(f"warning: {shard}: {reason}; the samples after that point are lost", file=sys.stderr)
-    return BadSample(shard, f"unreadable shard: {reason}")
-
-
-def _tar_samples(shard: str) -> Iterator:
-    """(shard:key, {extension: bytes}) for each run of members sharing a key; a damaged or truncated shard ends
-    in a BadSample (and a warning)."""
-    key, files = None, {}
-    try:
-        with tarfile.open(shard, mode="r|*", tarinfo=_EndAwareTarInfo) as archive:
-            for member in archive:
-                folder, _, name = member.name.rpartition("/")
-                stem, dot, extension = name.partition(".")
-                if not member.isfile() or not dot or not stem:
-                    continue
-                member_key = f"{folder}/{stem}" if folder else stem
-                if member_key != key:
-                    if key is not None:
-                        yield f"{shard}:{key}", files
-                    key, files = member_key, {}
-                files[extension.lower()] = archive.extractfile(member).read()
-            stop = getattr(archive, "mmgen_stop", None)
-    except (OSError, EOFError, tarfile.TarError) as error:
-        yield _damaged_shard(shard, str(error) or type(error).__name__)
-        return
-    if key is not None:
-        yield f"{shard}:{key}", files
-    if isinstance(stop, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
-        yield _damaged_shard(shard, "truncated (it ends without the end-of-archive blocks)")
-    elif not isinstance(stop, tarfile.EOFHeaderError):  # a damaged header after the first member
-        yield _damaged_shard(shard, f"damaged header ({stop})" if stop else "damaged")
-
-
-def _shuffled(samples: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
-    """Samples in a random order drawn from a buffer of `buffer_size`."""
-    buffer = []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) >= buffer_size:
-            index = rng.integers(len(buffer))
-            buffer[index], buffer[-1] = buffer[-1], buffer[index]
-            yield buffer.pop()
-    rng.shuffle(buffer)
-    yield from buffer

@@ -91,6 +91,10 @@ class SkipBadSamplesInStream(torch.utils.data.IterableDataset):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
+    def resume_after(self, batches: int, batch_size: int) -> bool:
+        """Have the wrapped stream skip its first `batches` batches itself; False if it cannot (see WebDatasetShards)."""
+        return hasattr(self.dataset, "resume_after") and self.dataset.resume_after(batches, batch_size)
+
     def __iter__(self):
         skipped = []
         for item in self.dataset:

@@ -26,7 +26,10 @@ class Batches:
         config = self.config
         first_batch = step * config.grad_accum_steps
         if isinstance(dataset, IterableDataset):
-            # a stream splits itself across processes and workers; resuming skips the batches already seen
+            # a stream splits itself across processes and workers; resuming skips the batches already seen: inside
+            # the stream where it can (shards skip samples without decoding them), else by reading them again
+            if hasattr(dataset, "resume_after") and dataset.resume_after(first_batch, config.batch_size):
+                return self._endless_stream(dataset)
             return itertools.islice(self._endless_stream(dataset), first_batch, None)
         sampler = StepBatchSampler(len(dataset), config.batch_size, seed=config.seed, start=first_batch,
                                    rank=self.rank, world_size=self.world_size)

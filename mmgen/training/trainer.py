@@ -24,6 +24,7 @@ from ..hub import WEIGHTS_NAME, load_weights
 from ..run_folder import RunFolder
 from .accumulation import GradientPasses
 from .batches import Batches
+from .best import BestModel
 from .checkpointing import Checkpoints
 from .ema import ExponentialMovingAverage
 from .fsdp import FSDPConfig
@@ -61,6 +62,10 @@ class TrainConfig:
     num_workers: int = 0
     tensorboard: bool = True
     progress: bool = True
+    # RUN_DIR/best/ keeps the model (the EMA one when on) of the evaluation where this metric was best, e.g. val/loss
+    # or zeroshot/top1; best_mode None: "min" for a name containing "loss", else "max"
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] | None = None
     profile: bool = False  # write a torch.profiler trace of a few steps to RUN_DIR/profile/ (mmgen.training.throughput)
     profile_steps: int = 3
 
@@ -76,6 +81,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0 and min_lr >= 0, got {self.lr}, {self.min_lr}")
         if not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
+        if self.best_mode not in (None, "min", "max"):
+            raise ValueError(f"best_mode must be min, max or null, got {self.best_mode!r}")
+        if self.best_metric is not None and self.fsdp.enabled:
+            raise ValueError("best_metric is not supported with fsdp yet (saving best/ would need every process)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1) (0 turns EMA off), got {self.ema_decay}")
 
@@ -149,6 +158,7 @@ class Trainer(Checkpoints):
         self.collate_fn = collate_fn
         self.evaluate_fn = evaluate_fn
         self.flops_per_step: int | None = None  # counted on a fresh run's first step; a checkpoint records it
+        self.best = BestModel(self.run, config.best_metric, config.best_mode, save_fn or default_save)
         self.throughput = None
         self.save_fn = save_fn
         self.load_fn = load_fn
@@ -289,6 +299,7 @@ class Trainer(Checkpoints):
                                                                          if isinstance(v, float)))
                         if logger:
                             logger.log(self.step, metrics)
+                        self.best.consider(metrics, self.step, self._model_to_keep(), progress.write)
                     window_start = time.perf_counter()  # evaluation time is not training throughput
 
                 saved = False
