@@ -60,14 +60,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from timing import synchronize
 from torch import nn
 from torch.nn import functional as F
-from timing import synchronize
 
 from mmgen.diffusion import UNet, UNetConfig
 from mmgen.diffusion.samplers import DDIMSampler, sample_loop
 from mmgen.diffusion.schedule import NoiseSchedule
-
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "bench" / "results" / "diffusion.json"

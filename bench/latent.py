@@ -34,20 +34,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from timing import interleaved_seconds
+from torch.nn import functional as F
 
 from mmgen.clip import CLIP, CLIPConfig
 from mmgen.config import from_dict, load_yaml
 from mmgen.data.captions import build_caption_dataset
 from mmgen.diffusion import NoiseSchedule, TextToImage, UNetConfig
+from mmgen.diffusion.objective import DenoisingLoss, DiffusionLossConfig
 from mmgen.diffusion.text2img import tokenize_prompts
 from mmgen.diffusion.vae import VAE
 from mmgen.hub import load_as
-from mmgen.diffusion.objective import DenoisingLoss, DiffusionLossConfig
 from mmgen.recipes.vae import VAEModelSection, first_batches, psnr
 from mmgen.training import make_optimizer
-
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 CONFIGS = REPOSITORY / "configs"

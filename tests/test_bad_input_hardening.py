@@ -15,8 +15,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import mmgen
-from mmgen.errors import CheckpointError
 from mmgen import memory
+from mmgen.errors import CheckpointError
 from mmgen.hub import MODEL_TYPES, model_class
 from mmgen.memory import model_size
 from mmgen.text.gpt import GPT, GPTConfig

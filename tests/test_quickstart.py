@@ -6,9 +6,9 @@ from PIL import Image
 
 import mmgen
 from mmgen.clip import CLIP
+from mmgen.data.shapes import heldout_pairs
 from mmgen.diffusion import TextToImage
 from mmgen.recipes.quickstart import heldout_prompts
-from mmgen.data.shapes import heldout_pairs
 from tests.test_cli import one_line_error, run_cli
 
 TINY = {

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmgen
-from mmgen.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, ClipLoss, clip_config
+from mmgen.clip import CLIP, CLIPConfig, ClipLoss, CLIPTextConfig, CLIPVisionConfig, clip_config
 from mmgen.config import from_dict, to_dict
 from mmgen.errors import ConfigError
 

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from mmgen import cli
 from mmgen.data.robust import collate_captions
 from mmgen.data.shapes import ShapesDataset
 from mmgen.diffusion import NoiseSchedule, TextToImage, UNetConfig

@@ -10,8 +10,16 @@ from torch import nn
 
 from mmgen.config import from_dict
 from mmgen.errors import ConfigError
-from mmgen.finetune import LoRAConfig, add_lora, layers_by_target, merge_adapter, parameter_counts, summary
-from mmgen.finetune import target_layers, trainable_fraction
+from mmgen.finetune import (
+    LoRAConfig,
+    add_lora,
+    layers_by_target,
+    merge_adapter,
+    parameter_counts,
+    summary,
+    target_layers,
+    trainable_fraction,
+)
 from mmgen.training import parameter_groups
 from tests.finetune.helpers import CASES, output, tiny_gpt, train_steps
 

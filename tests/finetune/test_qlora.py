@@ -8,8 +8,15 @@ import torch
 
 import mmgen
 from mmgen.errors import UserError
-from mmgen.finetune import LoRAConfig, add_lora, load_adapter, merge_adapter, quantized_weight_bytes, save_adapter
-from mmgen.finetune import trainable_fraction
+from mmgen.finetune import (
+    LoRAConfig,
+    add_lora,
+    load_adapter,
+    merge_adapter,
+    quantized_weight_bytes,
+    save_adapter,
+    trainable_fraction,
+)
 from tests.finetune.helpers import CASES, output, train_steps
 
 

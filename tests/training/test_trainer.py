@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from mmgen.recipes import lm
-from mmgen.training import learning_rate, parameter_groups
 from mmgen.text import GPT, GPTConfig
+from mmgen.training import learning_rate, parameter_groups
 
 
 def weights(run_dir):
