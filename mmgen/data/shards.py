@@ -95,24 +95,37 @@ def _damaged_shard(shard: str, reason: str) -> BadSample:
 
 def _tar_members(shard: str) -> Iterator:
     """{"fname", "data", "__url__"} per file of a shard (webdataset's member records); a damaged, truncated or
-    unopenable shard ends in a BadSample (and a warning)."""
+    unopenable shard, or a `pipe:` command that fails, ends in a BadSample (and a warning)."""
+    stop, failure, stream = None, None, None
     try:
         stream = open_shard(shard)
-        try:
-            with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo) as archive:
-                for member in archive:
-                    if member.isfile():
-                        yield {"fname": member.name, "data": archive.extractfile(member).read(), "__url__": shard}
-                stop = getattr(archive, "mmgen_stop", None)
-        finally:
-            stream.close()  # a pipe: command that failed raises here
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo) as archive:
+            for member in archive:
+                if member.isfile():
+                    yield {"fname": member.name, "data": archive.extractfile(member).read(), "__url__": shard}
+            stop = getattr(archive, "mmgen_stop", None)
+    except GeneratorExit:  # the reader stopped early: a command cut off mid-stream is no damage
+        _close(stream)
+        raise
     except (OSError, EOFError, tarfile.TarError, ValueError) as error:
-        yield _damaged_shard(shard, str(error).splitlines()[0] if str(error) else type(error).__name__)
-        return
-    if isinstance(stop, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
+        failure = error
+    failure = _close(stream) or failure  # a pipe: command's exit status is checked here
+    if failure is not None:
+        yield _damaged_shard(shard, str(failure).splitlines()[0] if str(failure) else type(failure).__name__)
+    elif isinstance(stop, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError)):
         yield _damaged_shard(shard, "truncated (it ends without the end-of-archive blocks)")
     elif not isinstance(stop, tarfile.EOFHeaderError):  # a damaged header after the first member
         yield _damaged_shard(shard, f"damaged header ({stop})" if stop else "damaged")
+
+
+def _close(stream) -> OSError | None:
+    """Close a shard's stream; the error closing it raised (a failed pipe: command), if any."""
+    try:
+        if stream is not None:
+            stream.close()
+    except OSError as error:
+        return error
+    return None
 
 
 def shard_samples(shard: str) -> Iterator:
@@ -127,7 +140,8 @@ def shard_samples(shard: str) -> Iterator:
             else:
                 yield member
 
-    yield from webdataset.tariterators.group_by_keys(members())
+    # a file name twice in one sample keeps the first (webdataset's grouping would stop the stream)
+    yield from webdataset.tariterators.group_by_keys(members(), handler=webdataset.ignore_and_continue)
     yield from damage
 
 
@@ -159,14 +173,15 @@ class WebDatasetShards(IterableDataset):
 
     Every (process, DataLoader worker) pair is one reader: with at least as many shards as readers each reads its
     own shards, otherwise every reader reads all shards and keeps every readers-th sample. Evaluation
-    (`shuffle_buffer` 0) is one pass in file order. Training (`shuffle_buffer` > 0) is endless: epoch after epoch,
-    each with the shards in a (seed, epoch) order and the samples through a seeded shuffle buffer, so the DataLoader
-    takes its batches from the workers strictly in turn and a resumed run can skip, per reader, exactly the samples
-    already seen (`resume_after`). `captions_per_image` picks among several captions: "random" (seeded by seed,
-    epoch and key) or "first"."""
+    (`shuffle_buffer` 0) is one pass in file order. Training (`shuffle_buffer` > 0) shuffles the shards in a
+    (seed, epoch) order and the samples through a seeded buffer, and is endless (`endless`, by default whether it
+    shuffles): epoch after epoch, so that the DataLoader takes its batches from its workers strictly in turn and a
+    resumed run can skip, per reader, exactly the samples already seen (`resume_after`). `captions_per_image` picks
+    among several captions: "random" (seeded by seed, epoch and sample) or "first"."""
 
     def __init__(self, shards: Sequence[str | Path], transform: Callable, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 0, captions_per_image: str = "random"):
+                 seed: int = 0, shuffle_buffer: int = 0, captions_per_image: str = "random",
+                 endless: bool | None = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         if captions_per_image not in CAPTION_CHOICES:
@@ -177,6 +192,7 @@ class WebDatasetShards(IterableDataset):
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.captions_per_image = captions_per_image
+        self.endless = bool(shuffle_buffer) if endless is None else endless
         self.epoch = 0
         self.batches_done, self.batch_size = 0, 0
 
@@ -188,7 +204,7 @@ class WebDatasetShards(IterableDataset):
         """Start a training stream after the first `batches` DataLoader batches of `batch_size` items: DataLoader
         worker w of W skips the samples of its batches among them (batches w, w + W, ...) without decoding them.
         False (and nothing changes) for an evaluation stream, which ends, so that batches stop coming in turn."""
-        if not self.shuffle_buffer:
+        if not self.endless:
             return False
         self.batches_done, self.batch_size = batches, batch_size
         return True
@@ -212,15 +228,14 @@ class WebDatasetShards(IterableDataset):
                 yield sample
 
     def _raw_samples(self, reader: int, readers: int) -> Iterator:
-        """This reader's raw samples: one pass in file order, or (training) endless shuffled epochs."""
-        if not self.shuffle_buffer:
-            yield from self._epoch_samples(self.epoch, reader, readers)
-            return
-        for epoch in range(self.epoch, sys.maxsize):
-            rng = random.Random(f"{self.seed}-{epoch}-{reader}")
-            shuffle = webdataset.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)
+        """This reader's raw samples: one pass from `self.epoch`, or epoch after epoch when endless."""
+        for epoch in range(self.epoch, sys.maxsize if self.endless else self.epoch + 1):
+            samples = self._epoch_samples(epoch, reader, readers)
+            if self.shuffle_buffer:
+                rng = random.Random(f"{self.seed}-{epoch}-{reader}")
+                samples = webdataset.filters.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
             usable = False
-            for sample in shuffle(self._epoch_samples(epoch, reader, readers)):
+            for sample in samples:
                 if isinstance(sample, dict):
                     usable, sample["__epoch__"] = True, epoch
                 yield sample
@@ -231,7 +246,7 @@ class WebDatasetShards(IterableDataset):
         reader, readers, worker, workers = self._reader()
         samples = self._raw_samples(reader, readers)
         skip = 0
-        if self.shuffle_buffer and self.batches_done > worker:
+        if self.batches_done > worker:
             skip = (self.batches_done - worker + workers - 1) // workers * self.batch_size
         for sample in samples:
             if skip:  # bad samples were counted when first seen; one whose image fails to decode counts as a

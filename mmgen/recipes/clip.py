@@ -44,6 +44,9 @@ class CLIPDataConfig:
     crop_scale: tuple[float, float] = (0.9, 1.0)
     max_bad_fraction: float = 0.01
     cache: bool = False  # decode the (finite) training set once and keep it in memory
+    # shards whose samples have several captions (.txt lines, a .json list): training draws one per sample, seeded
+    # ("random"), or takes the first; evaluation always takes the first
+    captions_per_image: Literal["random", "first"] = "random"
     hard_negatives: int = 1  # shapes only: batches of groups of N images that differ only in shape
     # "shapes" (held-out shape×colour classes; "shapes:extra=heart" adds an extra shape's) or a labelled image folder
     zeroshot: str | None = "shapes"

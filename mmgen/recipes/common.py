@@ -134,7 +134,8 @@ def write_run_config(run_dir: Path, config) -> None:
 def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: int = 0, world_size: int = 1,
                      num_workers: int = 0, progress: bool = True, shapes_options: dict | None = None):
     """(train, val-or-None) raw caption datasets of a `data:` section (train, val, columns, templates, crop_scale,
-    cache); mmgen.data.robust.robust() makes them skip and count bad samples.
+    cache, and captions_per_image where the section has it); mmgen.data.robust.robust() makes them skip and count
+    bad samples.
 
     `shapes_options` (ShapesDataset keyword arguments) apply to shapes training data only.
 
@@ -145,7 +146,8 @@ def caption_datasets(data, *, image_size: int, normalize: str, seed: int, rank: 
     from ..data.captions import build_caption_dataset
 
     options = dict(image_size=image_size, normalize=normalize, columns=data.columns, templates=data.templates,
-                   crop_scale=data.crop_scale, seed=seed, rank=rank, world_size=world_size)
+                   crop_scale=data.crop_scale, seed=seed, rank=rank, world_size=world_size,
+                   captions_per_image=getattr(data, "captions_per_image", "random"))
     train_set = build_caption_dataset(data.train, split="train", train=True, shapes_options=shapes_options,
                                       **options)
     if data.cache:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -56,6 +57,9 @@ class DiffusionDataConfig:
     crop_scale: tuple[float, float] | None = None  # None: resize + centre crop, no random crop
     max_bad_fraction: float = 0.01
     cache: bool = False  # decode the (finite) training set once and keep it in memory
+    # shards whose samples have several captions (.txt lines, a .json list): training draws one per sample, seeded
+    # ("random"), or takes the first; evaluation always takes the first
+    captions_per_image: Literal["random", "first"] = "random"
     # latent diffusion: a folder of cached VAE posterior moments and frozen text states (mmgen.diffusion.latent_cache),
     # written on the first run and reused while data and encoders match; training then reads no pixels
     latent_cache: str | None = None

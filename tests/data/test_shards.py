@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import mmgen.data.captions as captions_module
+import mmgen.data.shards as shards_module
 from mmgen.data.captions import WebDatasetShards, build_caption_dataset
 from mmgen.data.robust import BadSample, collate_captions
 from mmgen.errors import UserError
@@ -43,6 +43,8 @@ def sample_count(shard) -> int:
 
 
 def read_captions(dataset):
+    """One pass: all of an evaluation stream, the first epoch of an (endless) training stream."""
+    dataset.endless = False
     return [item["caption"] for item in dataset]
 
 
@@ -68,8 +70,11 @@ def test_training_streams_are_shuffled_but_complete(tmp_path):
     first, again = read_captions(dataset), read_captions(dataset)
     in_file_order = read_captions(build_caption_dataset(str(tmp_path), image_size=8, train=False))
     assert first == again and sorted(first) == sorted(in_file_order) and first != in_file_order
+    dataset.endless = True
+    two_epochs = [item["caption"] for item in itertools.islice(dataset, 2 * len(first))]
     dataset.set_epoch(1)
-    assert read_captions(dataset) != first
+    second = read_captions(dataset)
+    assert second != first and second == two_epochs[len(first):]  # endless: epoch after epoch
 
 
 def test_missing_shards_in_a_pattern_are_a_user_error(tmp_path):
@@ -82,7 +87,7 @@ def read_as(dataset, monkeypatch, rank_workers):
     """What each (rank, worker) reader yields, simulating DataLoader workers through get_worker_info."""
     rank, workers, worker_id = rank_workers
     dataset.rank = rank
-    monkeypatch.setattr(captions_module, "get_worker_info",
+    monkeypatch.setattr(shards_module, "get_worker_info",
                         lambda: SimpleNamespace(num_workers=workers, id=worker_id))
     return read_captions(dataset)
 
