@@ -11,7 +11,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import ConfigError, UserError
-from .images import load_rgb
 
 MAX_EXAMPLES = 3  # bad samples named per batch and in messages
 
@@ -42,6 +41,9 @@ def load_sample(image_source, caption, transform: Callable, *, source: str, labe
     """{"image": transform(RGB image), "caption": stripped caption[, "label"]}, or a BadSample saying what is wrong.
 
     `image_source` is a path or a binary file object; `source` names the sample in messages."""
+    # imported here, not at the top: the Trainer imports this module, and a text run needs no torchvision (~1 s)
+    from .images import load_rgb
+
     if not isinstance(caption, str) or not caption.strip():
         return BadSample(source, "empty caption")
     try:

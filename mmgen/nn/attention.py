@@ -69,9 +69,11 @@ class MultiHeadAttention(nn.Module):
         self.out_dropout = nn.Dropout(dropout)
 
     def _heads(self, x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+        return self._stacked_heads(x, parts).unbind(0)  # each (batch, heads, seq, head_dim)
+
+    def _stacked_heads(self, x: torch.Tensor, parts: int) -> torch.Tensor:
         batch, seq, _ = x.shape
-        x = x.view(batch, seq, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return x.unbind(0)  # each (batch, heads, seq, head_dim)
+        return x.view(batch, seq, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def forward(
         self,
@@ -90,6 +92,7 @@ class MultiHeadAttention(nn.Module):
         attn_mask: bool (True = may attend) or additive float, broadcastable to (batch, heads, seq, key_seq).
         cache: a KVCache for incremental decoding of self-attention; new positions follow the cached ones.
         """
+        past = len(cache) if cache is not None else 0
         if self.is_cross_attention:
             if context is None:
                 raise ValueError("cross-attention needs a context")
@@ -100,10 +103,13 @@ class MultiHeadAttention(nn.Module):
         else:
             if context is not None:
                 raise ValueError("this is a self-attention layer (built without context_dim); it takes no context")
-            q, k, v = self._heads(self.qkv_proj(x), 3)
-        past = len(cache) if cache is not None else 0
-        if rotary is not None:
-            q, k = rotary(q, k, offset=past)
+            qkv = self._stacked_heads(self.qkv_proj(x), 3)  # (3, batch, heads, seq, head_dim)
+            if rotary is not None:  # queries and keys rotated together: one pass instead of two
+                qk, v = qkv.split((2, 1))  # split, not indexing: its backward is one cat, not zero-filled copies
+                q, k = rotary.rotate(qk, offset=past).unbind(0)
+                v = v.squeeze(0)
+            else:
+                q, k, v = qkv.unbind(0)
         if cache is not None:
             k, v = cache.append(k, v)
         mask, is_causal = _combine_masks(q.shape[-2], k.shape[-2], past, causal, key_padding_mask, attn_mask, q.device)
