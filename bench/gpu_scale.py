@@ -26,34 +26,14 @@ import torch
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 LM_CONFIG = REPOSITORY / "configs" / "lm-shakespeare-char-gpu.yaml"
-# dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets (SXM parts)
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "RTX 4090": 165e12}
-
-
 def peak_flops(device: str) -> tuple[float, str]:
-    """(peak FLOP/s, where the figure comes from) for `device`."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_BF16.items():
-            if key in name:
-                return value, f"{name}: data-sheet dense bf16"
-        return measured_gemm_flops(device, torch.bfloat16), f"{name}: measured bf16 GEMM"
-    return measured_gemm_flops(device, torch.float32), "CPU: measured fp32 GEMM"
+    """(peak FLOP/s, where the figure comes from) for `device`: the Trainer's own figure (mmgen.training.throughput's
+    GPU table for bf16 on a known GPU, else a measured GEMM; fp32 on CPU), so MFU here and in metrics.jsonl agree."""
+    from mmgen.training.throughput import device_peak
 
-
-def measured_gemm_flops(device: str, dtype: torch.dtype, size: int = 2048) -> float:
-    """FLOP/s of a square matrix product on `device` (the best of a few)."""
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for _ in range(5):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    target = torch.device(device)
+    peak = device_peak(target, "bf16" if target.type == "cuda" else "no")
+    return peak.flops_per_s, peak.source
 
 
 def clip_training_flops(batch_size: int, device: str) -> float:
