@@ -16,6 +16,7 @@ from .cli_estimate import add_estimate_command
 from .cli_export import run_export
 from .cli_sample import run_eval, run_sample, run_zeroshot
 from .cli_train import run_convert, run_finetune, run_merge_lora, run_quickstart, run_train
+from .cli_types import integer, non_negative_float, non_negative_int, positive_int, probability, unit_float
 from .commands import recipes
 from .errors import UserError
 
@@ -29,55 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
-def _probability(text: str) -> float:
-    value = _float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
-    return value
 
 
 class _SamplerKinds:
@@ -108,7 +60,7 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_seed(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=_int, default=0)
+    parser.add_argument("--seed", type=integer, default=0)
 
 
 def _add_new_out(parser: argparse.ArgumentParser, help: str | None = None) -> None:
@@ -128,13 +80,13 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_diffusion_sampling(parser: argparse.ArgumentParser, n_help: str) -> None:
     """The sampler options, --seed, --out and --device of `sample text2img` and `sample variations`."""
-    parser.add_argument("--n", type=_positive_int, default=4, help=n_help)
+    parser.add_argument("--n", type=positive_int, default=4, help=n_help)
     parser.add_argument("--sampler", choices=_SamplerKinds(), default="ddim", metavar="KIND",
                         help="%(choices)s (dpm++: DPM-Solver++(2M), good in 20-25 steps; default %(default)s)")
-    parser.add_argument("--steps", type=_positive_int, default=50)
-    parser.add_argument("--guidance", type=_non_negative_float,
+    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--guidance", type=non_negative_float,
                         help="classifier-free guidance (default: the model's own, stored by its training run; else 3)")
-    parser.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
+    parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")
     _add_seed(parser)
     _add_new_out(parser, help="new folder for grid.png and one PNG per image")
     _add_device(parser)
@@ -188,12 +140,12 @@ def _add_sample(commands) -> None:
     sample_lm = sample_models.add_parser("lm", help="generate text from a GPT checkpoint")
     _add_checkpoint(sample_lm)
     sample_lm.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    sample_lm.add_argument("--max-new-tokens", type=_positive_int, default=500)
-    sample_lm.add_argument("--temperature", type=_non_negative_float, default=0.8, help="0 = greedy")
-    sample_lm.add_argument("--top-k", type=_positive_int, default=None)
-    sample_lm.add_argument("--top-p", type=_probability, default=None)
+    sample_lm.add_argument("--max-new-tokens", type=positive_int, default=500)
+    sample_lm.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    sample_lm.add_argument("--top-k", type=positive_int, default=None)
+    sample_lm.add_argument("--top-p", type=probability, default=None)
     sample_lm.add_argument("--stop", default=None, help="stop after this token (e.g. a character)")
-    sample_lm.add_argument("--num-samples", type=_positive_int, default=1)
+    sample_lm.add_argument("--num-samples", type=positive_int, default=1)
     _add_seed(sample_lm)
     _add_device(sample_lm)
     _add_adapter(sample_lm)
@@ -205,7 +157,7 @@ def _add_sample(commands) -> None:
     sample_mlm = sample_models.add_parser("mlm", help="fill in [MASK] tokens with a masked language model")
     _add_checkpoint(sample_mlm)
     sample_mlm.add_argument("--text", required=True, help='text with one or more [MASK], e.g. "To be, or not to [MASK]"')
-    sample_mlm.add_argument("--top-k", type=_positive_int, default=5, help="fills to show per [MASK]")
+    sample_mlm.add_argument("--top-k", type=positive_int, default=5, help="fills to show per [MASK]")
     _add_device(sample_mlm)
 
     text2img = sample_models.add_parser("text2img", help="generate images from a text-to-image diffusion run")
@@ -213,26 +165,26 @@ def _add_sample(commands) -> None:
     text2img.add_argument("--prompt", action="append", required=True, dest="prompts", metavar="TEXT",
                           help='text to draw (repeatable); "" samples unconditionally')
     _add_diffusion_sampling(text2img, n_help="images per prompt")
-    text2img.add_argument("--guidance-rescale", type=_unit_float, default=0.0,
+    text2img.add_argument("--guidance-rescale", type=unit_float, default=0.0,
                           help="rescale the guided prediction towards the conditional one's std (0..1, diffusers' "
                                "guidance_rescale)")
-    text2img.add_argument("--guidance-interval", type=_non_negative_int, nargs=2, metavar=("T_LOW", "T_HIGH"),
+    text2img.add_argument("--guidance-interval", type=non_negative_int, nargs=2, metavar=("T_LOW", "T_HIGH"),
                           help="apply classifier-free guidance only at timesteps T_LOW..T_HIGH")
-    text2img.add_argument("--clip-guidance", type=_non_negative_float, default=0.0, help="CLIP guidance scale")
+    text2img.add_argument("--clip-guidance", type=non_negative_float, default=0.0, help="CLIP guidance scale")
     text2img.add_argument("--clip-model", help="CLIP folder for --clip-guidance (default: the text encoder)")
     text2img.add_argument("--negative-prompt", action="append", dest="negative_prompts", metavar="TEXT",
                           help="what guidance steers away from, in place of the empty prompt: one for all prompts, or "
                                "one per --prompt (repeatable)")
-    text2img.add_argument("--height", type=_positive_int, help="image height (default: the model's image size; a "
+    text2img.add_argument("--height", type=positive_int, help="image height (default: the model's image size; a "
                           "multiple of its downsampling, e.g. 64 for SD)")
-    text2img.add_argument("--width", type=_positive_int, help="image width (as --height)")
+    text2img.add_argument("--width", type=positive_int, help="image width (as --height)")
     text2img.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                           help="precision the model samples in (its weights are cast; the sampler stays fp32)")
     _add_adapter(text2img)
     text2img.add_argument("--decoder", metavar="DECODER_RUN", help="unCLIP: --checkpoint is a prior run, this its "
                           "decoder (run or model folder); --sampler, --steps, --guidance, --eta are the decoder's")
-    text2img.add_argument("--prior-steps", type=_positive_int, default=64, help="unCLIP: the prior's DDIM steps")
-    text2img.add_argument("--prior-guidance", type=_non_negative_float, default=2.0,
+    text2img.add_argument("--prior-steps", type=positive_int, default=64, help="unCLIP: the prior's DDIM steps")
+    text2img.add_argument("--prior-guidance", type=non_negative_float, default=2.0,
                           help="unCLIP: the prior's classifier-free guidance")
 
     variations = sample_models.add_parser("variations", help="unCLIP image variations: decode the CLIP image "
@@ -249,7 +201,7 @@ def _add_clip_commands(commands) -> None:
     _add_checkpoint(zeroshot, help="CLIP RUN_DIR or model folder")
     zeroshot.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,dog,red circle"')
     _add_templates(zeroshot)
-    zeroshot.add_argument("--top-k", type=_positive_int, default=5)
+    zeroshot.add_argument("--top-k", type=positive_int, default=5)
     _add_device(zeroshot)
     _add_adapter(zeroshot)
     zeroshot.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
@@ -263,7 +215,7 @@ def _add_clip_commands(commands) -> None:
                                "('shapes:extra=heart' adds an extra shape's classes)")
     evaluate_clip.add_argument("--retrieval", help="caption table / shards / 'shapes:val' for image<->text recall")
     _add_templates(evaluate_clip)
-    evaluate_clip.add_argument("--max-samples", type=_positive_int, default=5000)
+    evaluate_clip.add_argument("--max-samples", type=positive_int, default=5000)
     evaluate_clip.add_argument("--json", action="store_true", help="print one JSON object")
     _add_device(evaluate_clip)
     _add_adapter(evaluate_clip)
@@ -280,8 +232,8 @@ def _add_quickstart(commands) -> None:
                             help="override of the CLIP recipe (repeatable)")
     quickstart.add_argument("--diffusion", action="append", default=[], dest="diffusion_overrides",
                             metavar="key=value", help="override of the diffusion recipe (repeatable)")
-    quickstart.add_argument("--prompts", type=_positive_int, default=6, help="held-out prompts to sample")
-    quickstart.add_argument("--n", type=_positive_int, default=4, help="images per prompt")
+    quickstart.add_argument("--prompts", type=positive_int, default=6, help="held-out prompts to sample")
+    quickstart.add_argument("--n", type=positive_int, default=4, help="images per prompt")
 
 
 def _add_convert(commands) -> None:

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
+from .cli_types import open_fraction
 
 SPLIT_EPILOG = ("Example: mmgen split-data mine/pairs.csv --val-fraction 0.1 writes mine/pairs.train.csv and "
                 "mine/pairs.val.csv; then mmgen train clip --config configs/clip-own-data.yaml --out runs/clip-mine "
                 "data.train=mine/pairs.train.csv data.val=mine/pairs.val.csv data.retrieval=mine/pairs.val.csv")
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {text}")
-    return value
 
 
 def add_split_command(commands) -> None:
@@ -25,7 +15,7 @@ def add_split_command(commands) -> None:
                                 epilog=SPLIT_EPILOG)
     split.set_defaults(run=run_split)
     split.add_argument("table", help="a .csv, .tsv or .jsonl caption table (image paths relative to its folder)")
-    split.add_argument("--val-fraction", type=_fraction, default=0.1, help="share of rows held out (default 0.1)")
+    split.add_argument("--val-fraction", type=open_fraction, default=0.1, help="share of rows held out (default 0.1)")
     split.add_argument("--stratify", metavar="COLUMN", help="hold out that share of each value of COLUMN (a label)")
     split.add_argument("--seed", type=int, default=0, help="seeds which rows are held out (default 0)")
 

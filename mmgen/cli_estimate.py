@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from .cli_types import positive_int, probability
 from .errors import UserError
 
 ESTIMATE_EPILOG = ("Examples: mmgen estimate --config configs/lm-shakespeare-char-gpu.yaml --gpu h100 --tokens 300M; "
@@ -25,26 +26,6 @@ def _count(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
-    return value
-
-
 def add_estimate_command(commands) -> None:
     """Add `mmgen estimate` to the CLI's sub-commands."""
     parser = commands.add_parser("estimate", epilog=ESTIMATE_EPILOG,
@@ -56,11 +37,11 @@ def add_estimate_command(commands) -> None:
     parser.add_argument("--recipe", choices=("lm", "clip", "vae", "finetune-lm"),
                         help="the config's recipe (default: from the file name, e.g. lm-*.yaml -> lm)")
     parser.add_argument("--base", metavar="FOLDER", help="finetune-lm: the base model folder (default: the config's)")
-    parser.add_argument("--gpus", type=_positive, default=1, help="processes (one GPU each)")
+    parser.add_argument("--gpus", type=positive_int, default=1, help="processes (one GPU each)")
     parser.add_argument("--gpu", help="h100, h100-pcie, h200, a100, a100-40, a10g, l4, l40s, 4090, 3090, v100, t4 ...")
     parser.add_argument("--tokens", type=_count, help="tokens to train on (samples for models without a sequence), "
                         "e.g. 300B; default: the config's train.max_steps")
-    parser.add_argument("--mfu", type=_fraction, default=0.4, help="model FLOPs utilisation for the time (0.4)")
+    parser.add_argument("--mfu", type=probability, default=0.4, help="model FLOPs utilisation for the time (0.4)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                         help="default: the config's train.mixed_precision (no -> fp32)")
     parser.add_argument("--method", choices=("full", "lora", "qlora"), help="default: the config's, else full")
@@ -68,8 +49,8 @@ def add_estimate_command(commands) -> None:
                         help="gradient checkpointing (default: the config's model.gradient_checkpointing)")
     parser.add_argument("--zero", type=int, choices=(0, 2, 3), default=0,
                         help="FSDP / ZeRO stage over --gpus: 2 shards gradients and optimizer, 3 also weights")
-    parser.add_argument("--batch-size", type=_positive, help="per process and micro-step (default: the config's)")
-    parser.add_argument("--grad-accum", type=_positive, help="micro-steps per step (default: the config's)")
+    parser.add_argument("--batch-size", type=positive_int, help="per process and micro-step (default: the config's)")
+    parser.add_argument("--grad-accum", type=positive_int, help="micro-steps per step (default: the config's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.dim=1024")
 
