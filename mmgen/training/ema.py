@@ -41,12 +41,17 @@ class ExponentialMovingAverage:
     @torch.no_grad()
     def update(self, model: nn.Module, updates_before: int) -> None:
         """Move the average towards `model` (the unwrapped trained model) by one step."""
+        self.update_averages(model, updates_before)
+        for average, buffer in zip(self.model.buffers(), model.buffers()):
+            average.copy_(buffer)
+
+    @torch.no_grad()
+    def update_averages(self, model: nn.Module, updates_before: int) -> None:
+        """Move each averaged parameter towards `model`'s by one step (the buffers are left alone)."""
         weight = 1.0 - self.decay_at(updates_before)
         current = dict(model.named_parameters())
         for name, average in self.averaged:
             average.lerp_(current[name].detach().to(average.dtype), weight)
-        for average, buffer in zip(self.model.buffers(), model.buffers()):
-            average.copy_(buffer)
 
     def to(self, device: torch.device) -> "ExponentialMovingAverage":
         """Move the averaged copy to `device`."""

@@ -65,13 +65,9 @@ class ShardedExponentialMovingAverage(ExponentialMovingAverage):
         self.averaged = [(name, parameter.detach().clone()) for name, parameter in model.named_parameters()
                          if parameter.requires_grad]
 
-    @torch.no_grad()
     def update(self, model: nn.Module, updates_before: int) -> None:
-        """Move each shard's average towards the model's shard by one step."""
-        weight = 1.0 - self.decay_at(updates_before)
-        current = dict(model.named_parameters())
-        for name, average in self.averaged:
-            average.lerp_(current[name].detach().to(average.dtype), weight)
+        """Move each shard's average towards the model's shard by one step (no buffers: there is no model copy)."""
+        self.update_averages(model, updates_before)
 
     def to(self, device: torch.device) -> "ShardedExponentialMovingAverage":
         """The averages already live where the shards do."""
