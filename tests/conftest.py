@@ -3,7 +3,17 @@
 import random
 
 import pytest
+import torch
 import yaml
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Restore torch's thread count after each test: a bench main() run in-process sets it (--threads), and a
+    different count in later tests changes float summation order, so in-process runs stop matching subprocess ones."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 WORDS = "the king queen lord speak hath thou thee my good night day love death sword crown fair".split()
 
