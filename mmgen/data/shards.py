@@ -65,7 +65,13 @@ def open_shard(url: str):
     `aws s3 cp URL -`, as open_clip's users write it by hand."""
     if url.startswith("s3://"):
         url = f"pipe:aws s3 cp {url} -"
-    return webdataset.gopen(url, "rb")
+    stream = webdataset.gopen(url, "rb")
+    if hasattr(stream, "ignore_errors"):  # a webdataset Pipe (pipe:, http(s) through curl)
+        # its exit status is checked once, at close (_close): webdataset's check on every read raises as soon as the
+        # command has exited, even with its output still unread in the pipe, so a command that failed after writing
+        # its data would lose the data it did write, or not, depending on timing
+        stream.ignore_errors = True
+    return stream
 
 
 class _EndAwareTarInfo(tarfile.TarInfo):
@@ -125,6 +131,9 @@ def _close(stream) -> OSError | None:
             stream.close()
     except OSError as error:
         return error
+    status = getattr(stream, "status", None)  # a pipe: (or curl) command's exit status
+    if status and status not in getattr(stream, "ignore_status", ()):
+        return OSError(f"{getattr(stream, 'args', 'command')}: exit {status}")
     return None
 
 
