@@ -1,5 +1,10 @@
-"""`mmgen estimate` against what actually happens on this CPU: the FLOP counter on a real step, and the peak RSS
-growth of real training steps of a GPT, a CLIP and a VAE (measured in a subprocess), within 20%."""
+"""`mmgen estimate` against what actually happens on this CPU: the FLOP counter on a real step, and the peak memory
+growth of real training steps of a GPT, a CLIP and a VAE (measured in a subprocess), within 20%.
+
+fp32 steps are measured as peak RSS growth. A bf16 autocast step on a CPU is measured as the peak of live tensor
+allocations (the profiler's memory events, which is what a GPU's caching allocator would hold): the working memory of
+CPU bf16 kernels depends on the host's instruction set (CI's host grew 41 MB of RSS where this one grows 22.5 MB for
+the same step), which is the kernel library's, not the estimate's."""
 
 import json
 import os
@@ -38,6 +43,17 @@ def rss(field):
     return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
                 if line.startswith(field + ":"))
 
+def tensor_peak(steps):  # peak bytes of live tensors allocated while `steps` runs (the profiler's events, in order)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        steps()
+    live = peak = 0
+    for event in sorted((event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"),
+                        key=lambda event: event.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
 def growth(config, precision, batch_size, overrides):
     subject = subject_from_config(config, overrides)
     torch.manual_seed(0)
@@ -49,15 +65,21 @@ def growth(config, precision, batch_size, overrides):
     else:
         batch = {name: torch.randn(value.shape) if value.is_floating_point() else torch.randint(1, 1000, value.shape)
                  for name, value in shapes.items()}
+
+    def steps():
+        for _ in range(2):
+            with torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
+                loss = subject.loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     gc.collect()
+    if precision == "bf16":
+        return tensor_peak(steps)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
     start = rss("VmRSS")
-    for _ in range(2):
-        with torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
-            loss = subject.loss_fn(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    steps()
     return rss("VmHWM") - start
 
 cases = json.loads(sys.argv[1])
@@ -85,7 +107,7 @@ def estimated_growth(config, precision, batch_size, overrides, checkpointing=Fal
 
 
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs /proc/self/clear_refs (Linux)")
-def test_memory_estimate_is_within_20_percent_of_the_peak_rss_growth():
+def test_memory_estimate_is_within_20_percent_of_the_measured_peak_growth():
     cases = [(LM_CONFIG, "fp32", 8, SMALL_GPT, False),
              (LM_CONFIG, "bf16", 8, SMALL_GPT[:1] + ["model.num_layers=2", "model.num_heads=4",  # bf16: slow on CPU
                                                       "model.context_length=128", "model.gradient_checkpointing=true"],
