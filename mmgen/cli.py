@@ -278,6 +278,10 @@ def _add_export(commands) -> None:
                                      "diffusers StableDiffusionPipeline folder")
     _add_checkpoint(diffusers, help="text2img RUN_DIR, RUN_DIR/final or model folder")
     _add_new_out(diffusers, help="new folder; StableDiffusionPipeline.from_pretrained(OUT) loads it")
+    lora = export_to.add_parser("diffusers-lora", help="an mmgen LoRA adapter of a text2img model in SD's layout -> "
+                                "diffusers LoRA folder (pytorch_lora_weights.safetensors) for load_lora_weights")
+    lora.add_argument("--adapter", required=True, help="adapter folder or adapter run (RUN_DIR)")
+    _add_new_out(lora, help="new folder; StableDiffusionPipeline.load_lora_weights(OUT) loads it")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from .cli_train import check_new_out
 
 
 def run_export(args) -> None:
-    """`mmgen export open-clip | peft | stable-diffusion`."""
+    """`mmgen export open-clip | peft | stable-diffusion | diffusers-lora`."""
     check_new_out(args.out)
     if args.target == "open-clip":
         from .clip.model import CLIP
@@ -30,3 +30,8 @@ def run_export(args) -> None:
 
         to_stable_diffusion(load_as(args.checkpoint, TextToImage), args.out)
         print(f"wrote {args.out}: diffusers.StableDiffusionPipeline.from_pretrained('{args.out}') loads it")
+    if args.target == "diffusers-lora":
+        from .finetune.diffusers_lora import export_diffusers_lora
+
+        export_diffusers_lora(args.adapter, args.out)
+        print(f"wrote {args.out}: StableDiffusionPipeline.load_lora_weights('{args.out}') puts it on the SD base")

@@ -7,6 +7,11 @@ With gradient accumulation (K micro-batches per optimizer step) there are two ob
   It costs one extra forward per micro-batch; memory holds one micro-batch's activations plus K batches' features.
 - "micro-batches": K independent contrastive problems of one micro-batch each, their gradients averaged (a weaker
   objective: each sample sees only its micro-batch's negatives).
+
+With several captions per image (data.captions_per_image: all) a batch also holds "caption_mask" (batch,
+max_captions) and its "tokens" are every image's captions one after the other; the loss then counts all of an
+image's captions as positives (mmgen.clip.loss). Both accumulations handle it: cached features concatenate the
+micro-batches' captions and masks in the same order.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ class ContrastiveObjective:
 
     def __call__(self, model, batch: dict):
         output = model(batch["images"], batch["tokens"])
-        return self.criterion(*output), {"train/logit_scale": output.logit_scale}
+        loss = self.criterion(*output, caption_mask=batch.get("caption_mask"))
+        return loss, {"train/logit_scale": output.logit_scale}
 
     def step(self, model, micro_batches: list[dict], passes) -> tuple[torch.Tensor, dict]:
         """Forward and backward of one optimizer step whose gradients are those of the concatenated micro-batches.
@@ -52,6 +58,8 @@ class ContrastiveObjective:
                 output = model(batch["images"], batch["tokens"])
                 cached.append((output.image_features, output.text_features))
         after_features = passes.rng_state()
+        masks = [batch.get("caption_mask") for batch in micro_batches]
+        caption_mask = None if masks[0] is None else torch.cat(masks)  # (K * batch, max_captions)
         last = len(micro_batches) - 1
         for index, batch in enumerate(micro_batches):
             passes.set_rng_state(states[index])
@@ -65,7 +73,7 @@ class ContrastiveObjective:
                 scale, bias = output.logit_scale, output.logit_bias
                 if index != last:
                     scale, bias = scale.detach(), bias.detach() if bias is not None else None
-                loss = self.criterion(images, texts, scale, bias)
+                loss = self.criterion(images, texts, scale, bias, caption_mask=caption_mask)
             passes.backward(loss)
         passes.set_rng_state(after_features)
         return loss.detach(), {"train/logit_scale": output.logit_scale.detach()}

@@ -59,7 +59,8 @@ def build_caption_dataset(
     - a .tar shard, a folder of .tar shards, a brace pattern "shards-{000..009}.tar", a `pipe:COMMAND` or an
       http(s)/s3 URL (braces allowed) -> WebDatasetShards (mmgen.data.shards), streamed and split over
       (rank, world_size) and DataLoader workers; with several captions per image (.txt lines or a .json list) training
-      draws one (`captions_per_image` "random") or takes the first ("first"; evaluation always does);
+      draws one (`captions_per_image` "random"), takes the first ("first"; evaluation always does) or keeps them
+      all ("all": items also carry "captions", for CLIP's several positives per image);
     - a folder with one sub-folder of images per class -> LabelledImageFolder with prompt `templates`.
     `train` picks random crops (`crop_scale`; shapes are never cropped) and shuffled shards; `normalize` is
     "clip" or "minus_one_to_one"; `shapes_options` are ShapesDataset keyword arguments (group_size, partial_captions,

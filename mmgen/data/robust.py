@@ -121,7 +121,8 @@ def collate_captions(batch: list) -> dict:
 
     Returns {"images": (B, 3, H, W) float, "captions": list[str], "labels": (B,) long (only when every item has
     one), "skipped": int, "skipped_examples": list[str], "replacements": int (items standing in for a skipped
-    sample)}. B may be smaller than the batch, or 0."""
+    sample), "all_captions": list[list[str]] (only when an item carries its several "captions")}. B may be smaller
+    than the batch, or 0."""
     batch = [item for entry in batch for item in (entry if isinstance(entry, list) else [entry])]  # GroupedItems
     items = [item for item in batch if isinstance(item, dict)]
     bad = [str(item) if item is not None else "unknown sample (None)" for item in batch if not isinstance(item, dict)]
@@ -133,6 +134,8 @@ def collate_captions(batch: list) -> dict:
         "skipped_examples": bad[:MAX_EXAMPLES],
         "replacements": sum(bool(item.get("replacement")) for item in items),
     }
+    if any("captions" in item for item in items):
+        collated["all_captions"] = [item.get("captions", [item["caption"]]) for item in items]
     if items and all("label" in item for item in items):
         collated["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.long)
     return collated

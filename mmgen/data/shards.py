@@ -25,7 +25,7 @@ from .robust import BadSample, load_sample
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 SHUFFLE_BUFFER = 1000  # raw samples per reader when streaming shards for training
-CAPTION_CHOICES = ("random", "first")
+CAPTION_CHOICES = ("random", "first", "all")
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
@@ -186,7 +186,8 @@ class WebDatasetShards(IterableDataset):
     (seed, epoch) order and the samples through a seeded buffer, and is endless (`endless`, by default whether it
     shuffles): epoch after epoch, so that the DataLoader takes its batches from its workers strictly in turn and a
     resumed run can skip, per reader, exactly the samples already seen (`resume_after`). `captions_per_image` picks
-    among several captions: "random" (seeded by seed, epoch and sample) or "first"."""
+    among several captions: "random" (seeded by seed, epoch and sample) or "first"; "all" keeps the first as
+    "caption" and every one in "captions" (for a contrastive loss with several positives per image)."""
 
     def __init__(self, shards: Sequence[str | Path], transform: Callable, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 0, captions_per_image: str = "random",
@@ -280,6 +281,9 @@ class WebDatasetShards(IterableDataset):
         captions = self._captions(sample)
         if isinstance(captions, str):
             return BadSample(source, captions)
+        if self.captions_per_image == "all":
+            item = load_sample(io.BytesIO(sample[image_key]), captions[0], self.transform, source=source)
+            return {**item, "captions": captions} if isinstance(item, dict) else item
         choice = 0
         if self.captions_per_image == "random" and len(captions) > 1:
             key = [self.seed, sample.get("__epoch__", self.epoch), zlib.crc32(source.encode())]

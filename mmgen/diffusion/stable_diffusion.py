@@ -186,8 +186,9 @@ def _text_encoder_for_export(model: TextToImage) -> CLIP:
     return clip
 
 
-def _export_problems(model: TextToImage) -> list[str]:
-    config = model.config
+def export_problems(config: TextToImageConfig) -> list[str]:
+    """What of a `config` text2img model SD's pipeline cannot express, beyond its UNet (unet_config_to_diffusers
+    names those): one phrase each, none when it can."""
     problems = []
     if config.vae is None:
         problems.append("pixel-space diffusion (SD's pipeline denoises a VAE's latents)")
@@ -210,7 +211,7 @@ def to_stable_diffusion(model: TextToImage, out: str | Path) -> Path:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    problems = _export_problems(model)
+    problems = export_problems(model.config)
     if problems:
         raise UserError("this model cannot be expressed as a Stable Diffusion folder: " + "; ".join(problems))
     unet = to_diffusers_unet(model.unet)  # raises for a UNet layout diffusers lacks

@@ -182,8 +182,9 @@ def _stage_names(ours: str, their_block: str, index: int, config: UNetConfig, le
     return names
 
 
-def _module_names(config: UNetConfig) -> dict[str, str | tuple[str, ...]]:
-    """Our module name -> diffusers' for every module with parameters (a tuple: rows stacked in that order)."""
+def diffusers_module_names(config: UNetConfig) -> dict[str, str | tuple[str, ...]]:
+    """Our module name -> diffusers' for every module with parameters of a `config` UNet (a tuple: our module's output
+    rows are those of the diffusers modules, stacked in that order: q/k/v, k/v). The one map of weights and LoRA."""
     names: dict[str, str | tuple[str, ...]] = {
         "time_embedding.fc_in": "time_embedding.linear_1",
         "time_embedding.fc_out": "time_embedding.linear_2",
@@ -207,16 +208,21 @@ def _module_names(config: UNetConfig) -> dict[str, str | tuple[str, ...]]:
     return names
 
 
+def diffusers_modules_of(names: dict, module: str) -> tuple[str, ...]:
+    """The diffusers module(s) of our `module` in `names` (diffusers_module_names): one, or those its rows stack."""
+    theirs = names[module]
+    return (theirs,) if isinstance(theirs, str) else theirs
+
+
 def _their_names(names: dict, parameter: str) -> list[str]:
     module, leaf = parameter.rsplit(".", 1)
-    theirs = names[module]
-    return [f"{part}.{leaf}" for part in ((theirs,) if isinstance(theirs, str) else theirs)]
+    return [f"{part}.{leaf}" for part in diffusers_modules_of(names, module)]
 
 
 def unet_state_from_diffusers(config: UNetConfig, their_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict of a `config` UNet from a diffusers UNet2DConditionModel's: views of their tensors where one
     maps to one (no copy), the stacked q/k/v rows otherwise. UserError for a missing or a superfluous parameter."""
-    names = _module_names(config)
+    names = diffusers_module_names(config)
     with torch.device("meta"):
         shapes = {name: tensor.shape for name, tensor in UNet(config).state_dict().items()}
     state, used = {}, set()
@@ -251,7 +257,7 @@ def to_diffusers_unet(unet: UNet):
 
     model = UNet2DConditionModel(**unet_config_to_diffusers(unet.config))
     their_shapes = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    names = _module_names(unet.config)
+    names = diffusers_module_names(unet.config)
     state = {}
     for name, tensor in unet.state_dict().items():
         their_names = _their_names(names, name)

@@ -45,8 +45,10 @@ class CLIPDataConfig:
     max_bad_fraction: float = 0.01
     cache: bool = False  # decode the (finite) training set once and keep it in memory
     # shards whose samples have several captions (.txt lines, a .json list): training draws one per sample, seeded
-    # ("random"), or takes the first; evaluation always takes the first
-    captions_per_image: Literal["random", "first"] = "random"
+    # ("random"), takes the first, or takes them "all" (up to max_captions_per_image, the first ones) as positives of
+    # their image in the contrastive loss (mmgen.clip.loss); evaluation always takes the first
+    captions_per_image: Literal["random", "first", "all"] = "random"
+    max_captions_per_image: int = 5
     hard_negatives: int = 1  # shapes only: batches of groups of N images that differ only in shape
     # "shapes" (held-out shape×colour classes; "shapes:extra=heart" adds an extra shape's) or a labelled image folder
     zeroshot: str | None = "shapes"
@@ -59,6 +61,8 @@ class CLIPDataConfig:
             raise ValueError(f"max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be >= 1, got {self.eval_samples}")
+        if self.max_captions_per_image < 1:
+            raise ValueError(f"max_captions_per_image must be >= 1, got {self.max_captions_per_image}")
         if self.hard_negatives > 1 and not self.train.startswith("shapes"):
             raise ValueError("hard_negatives needs data.train=shapes (other data has no groups to keep together)")
 
@@ -82,6 +86,9 @@ def contrastive_objective(recipe, model: CLIP, state) -> ContrastiveObjective:
     if recipe.towers.locks:
         state.print(f"locked towers: {trainable_summary(model)}")
     steps, batch = recipe.train.grad_accum_steps, recipe.train.batch_size
+    if recipe.data.captions_per_image == "all":
+        state.print(f"captions_per_image=all: up to {recipe.data.max_captions_per_image} captions per image, each a "
+                    f"positive of its image in the {recipe.loss} loss")
     if steps > 1:
         state.print(f"accumulation={recipe.accumulation}: " + (
             f"{steps} micro-batches of {batch} are one contrastive batch of {steps * batch} per process "
@@ -91,15 +98,33 @@ def contrastive_objective(recipe, model: CLIP, state) -> ContrastiveObjective:
 
 
 class TokenizingCollate:
-    """collate_captions + CLIP tokens for the captions (runs in DataLoader workers)."""
+    """collate_captions + CLIP tokens for the captions (runs in DataLoader workers).
 
-    def __init__(self, context_length: int):
+    With `max_captions` (data.captions_per_image: all) the tokens are every image's captions (at most `max_captions`,
+    the first ones) one after the other, and "caption_mask" (batch, max_captions) says which slots hold one: the
+    layout mmgen.clip.loss takes. An item without several captions has one."""
+
+    def __init__(self, context_length: int, max_captions: int | None = None):
         self.tokenizer = CLIPTokenizer(context_length)
+        self.max_captions = max_captions
 
     def __call__(self, items: list) -> dict:
         batch = collate_captions(items)
-        batch["tokens"] = self.tokenizer(batch["captions"]) if batch["captions"] else torch.zeros(0, 1, dtype=torch.long)
+        texts = batch["captions"]
+        if self.max_captions is not None:
+            per_image = [captions[: self.max_captions]
+                         for captions in batch.pop("all_captions", None) or [[text] for text in texts]]
+            slots = torch.arange(self.max_captions)
+            batch["caption_mask"] = torch.stack([slots < len(captions) for captions in per_image]) if per_image \
+                else torch.zeros(0, self.max_captions, dtype=torch.bool)  # (batch, max_captions)
+            texts = [text for captions in per_image for text in captions]
+        batch["tokens"] = self.tokenizer(texts) if texts else torch.zeros(0, 1, dtype=torch.long)
         return batch
+
+
+def caption_collate(data: CLIPDataConfig, context_length: int) -> TokenizingCollate:
+    """The collate of a CLIP recipe's batches: one caption per image, or all of them (data.captions_per_image)."""
+    return TokenizingCollate(context_length, data.max_captions_per_image if data.captions_per_image == "all" else None)
 
 
 def build_datasets(recipe: CLIPRecipe, rank: int = 0, world_size: int = 1, progress: bool = True):
@@ -209,5 +234,5 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     run.state.print(f"CLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {recipe.loss} loss")
     objective = contrastive_objective(recipe, model, run.state)
     return run.fit(model, loss_fn=objective, train_dataset=train_set, val_dataset=val_set,
-                   collate_fn=TokenizingCollate(recipe.model.text.context_length), evaluate_fn=evaluation,
+                   collate_fn=caption_collate(recipe.data, recipe.model.text.context_length), evaluate_fn=evaluation,
                    max_bad_fraction=recipe.data.max_bad_fraction)

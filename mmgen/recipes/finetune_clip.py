@@ -16,8 +16,8 @@ from .clip import (
     CLIPDataConfig,
     CLIPRecipe,
     HeldOutEvaluation,
-    TokenizingCollate,
     build_datasets,
+    caption_collate,
     contrastive_objective,
 )
 from .finetune import FinetuneConfig, adapt, start
@@ -57,5 +57,5 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
     objective = contrastive_objective(as_clip_recipe, model, run.state)
     save_fn, load_fn = adapt(model, recipe)
     return run.fit(model, loss_fn=objective, train_dataset=train_set, val_dataset=val_set,
-                   collate_fn=TokenizingCollate(model.config.text.context_length), evaluate_fn=evaluation,
+                   collate_fn=caption_collate(recipe.data, model.config.text.context_length), evaluate_fn=evaluation,
                    save_fn=save_fn, load_fn=load_fn, max_bad_fraction=recipe.data.max_bad_fraction)

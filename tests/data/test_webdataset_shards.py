@@ -106,8 +106,13 @@ def test_several_captions_per_image_one_drawn_per_sample_by_a_seeded_rng(tmp_pat
     assert {caption.split()[-1] for caption in random_draws} == {"a", "b", "c"}  # every caption gets drawn
     assert random_draws != drawn(True, seed=1)
     assert {caption.split()[-1] for caption in drawn(True, choice="first") + drawn(False)} == {"a"}
+    every = build_caption_dataset(str(tmp_path / "multi.tar"), image_size=4, captions_per_image="all")
+    every.endless = False
+    assert sorted(item["caption"] for item in every) == drawn(False)  # "caption" is the first, "captions" all
+    assert sorted(caption for item in every for caption in item["captions"]) == sorted(
+        f"caption {index} {c}" for index in range(12) for c in "abc")
     with pytest.raises(UserError, match="captions_per_image"):
-        build_caption_dataset(str(tmp_path / "multi.tar"), captions_per_image="all")
+        build_caption_dataset(str(tmp_path / "multi.tar"), captions_per_image="every")
 
 
 class CountingTransform:
@@ -177,7 +182,7 @@ def test_the_config_key_reaches_the_shards_and_is_validated(tmp_path):
     assert (train_set.captions_per_image, train_set.endless) == ("first", True)
     assert (val_set.captions_per_image, val_set.endless) == ("first", False)
     with pytest.raises(ConfigError, match="data.captions_per_image"):
-        from_dict(CLIPRecipe, {"data": {"captions_per_image": "all"}})
+        from_dict(CLIPRecipe, {"data": {"captions_per_image": "every"}})
 
 
 def test_a_command_failing_after_its_data_is_a_bad_shard_unless_the_reader_stopped_early(tmp_path, capsys):
