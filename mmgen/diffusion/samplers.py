@@ -320,13 +320,15 @@ class SamplerConfig:
     """A sampler as a configuration: `build(schedule)` makes the Sampler of kind `kind` for a model's schedule, its
     `steps` timesteps set. Every pipeline samples through one, so kinds, steps and eta are checked in one place.
 
-    "trailing" spacing starts at the last training timestep (pure noise) however few the steps; x0 estimates are
-    clipped to clip_sample_range, by default the model's sample range ([-1, 1] for pixels, wider for VAE latents).
+    "trailing" spacing starts at the last training timestep (pure noise) however few the steps; steps_offset shifts
+    "leading" timesteps up (Stable Diffusion's schedulers say 1). x0 estimates are clipped to clip_sample_range, by
+    default the model's sample range ([-1, 1] for pixels, wider for VAE latents).
     """
 
     kind: str = "ddim"
     steps: int = 50
     spacing: TimestepSpacing = "trailing"
+    steps_offset: int = 0
     eta: float = 0.0  # the stochasticity of the kinds that take it (DDIM; 0: deterministic)
     clip_sample: bool = True
     clip_sample_range: float | None = None  # None: `sample_range` given to build
@@ -348,6 +350,8 @@ class SamplerConfig:
             raise UserError(f"eta must be >= 0 and is a {takers} option, got {self.eta} with {self.kind}")
         if self.spacing not in SPACINGS:
             raise UserError(f"unknown timestep spacing {self.spacing!r} (choose from {', '.join(SPACINGS)})")
+        if self.steps_offset < 0:
+            raise UserError(f"steps_offset must not be negative, got {self.steps_offset}")
         if self.clip_sample_range is not None and self.clip_sample_range <= 0:
             raise UserError(f"clip_sample_range must be positive, got {self.clip_sample_range}")
 
@@ -355,7 +359,7 @@ class SamplerConfig:
         """The checked sampler for `schedule`, with its timesteps set; x0 is clipped to clip_sample_range, else to
         `sample_range`."""
         self.check(schedule.num_train_timesteps, label)
-        options = dict(clip_sample=self.clip_sample, timestep_spacing=self.spacing)
+        options = dict(clip_sample=self.clip_sample, timestep_spacing=self.spacing, steps_offset=self.steps_offset)
         if self.clip_sample:
             options["clip_sample_range"] = sample_range if self.clip_sample_range is None else self.clip_sample_range
         if SAMPLERS[self.kind].takes_eta:

@@ -5,7 +5,8 @@ mmgen folder that `mmgen sample text2img` and TextToImagePipeline use unchanged:
 (unet_interop), the VAE (vae_interop), the CLIP text encoder alone (hf_clip_interop) re-padding its tokens as SD's
 tokenizer pads them, the text states unmasked and no pooled embedding (as SD feeds them), and the scheduler's noise
 schedule (betas, prediction type, zero terminal SNR). The scheduler's inference spacing (timestep_spacing,
-steps_offset) is a sampling choice, not part of the model: mmgen samples with its own sampler settings.
+steps_offset) becomes the model's default sampling spacing (config.json), so TextToImagePipeline and `mmgen sample
+text2img` visit the timesteps diffusers' DDIM / DPM-Solver schedulers of that folder visit; the export writes it back.
 Refused with a UserError naming the part: SDXL (two text encoders, added conditions), ControlNets and other UNet
 classes, a tokenizer whose vocabulary is not CLIP's BPE, a missing component.
 """
@@ -22,6 +23,7 @@ from ..clip.hf_clip_interop import from_hf_clip, load_hf_clip, to_hf_clip
 from ..clip.model import CLIP
 from ..errors import CheckpointError, UserError
 from ..io import atomic_folder, read_json
+from .samplers import SPACINGS
 from .schedule import NoiseSchedule
 from .text2img import TextToImage, TextToImageConfig
 from .unet_interop import to_diffusers_unet, unet_config_from_diffusers, unet_state_from_diffusers
@@ -98,6 +100,26 @@ def noise_schedule_from_scheduler(config: dict) -> NoiseSchedule:
         raise UserError(f"this scheduler's noise schedule cannot be expressed: {error}") from None
 
 
+def spacing_from_scheduler(config: dict) -> tuple[str, int]:
+    """(timestep_spacing, steps_offset) a diffusers scheduler config samples with: its keys, else its class's defaults
+    (DDIM's and PNDM's "leading", DPM-Solver's "linspace"); UserError for a spacing mmgen's samplers lack."""
+    import inspect
+
+    import diffusers
+
+    scheduler_class = getattr(diffusers, str(config.get("_class_name")), None)
+    defaults = inspect.signature(scheduler_class).parameters if inspect.isclass(scheduler_class) else {}
+    default_spacing = defaults["timestep_spacing"].default if "timestep_spacing" in defaults else "leading"
+    spacing = config.get("timestep_spacing", default_spacing)
+    offset = config.get("steps_offset", 0)
+    if spacing not in SPACINGS:
+        raise UserError(f"the scheduler's timestep_spacing {spacing!r} is not one mmgen samples with "
+                        f"({', '.join(SPACINGS)})")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise UserError(f"the scheduler's steps_offset {offset!r} is not an integer >= 0")
+    return spacing, offset
+
+
 def _tokenizer_padding(folder: Path, context_length: int) -> int:
     """The id SD's tokenizer pads with, after checking its vocabulary is CLIP's BPE and its length the encoder's."""
     import transformers
@@ -128,7 +150,9 @@ def from_stable_diffusion(folder: str | Path) -> TextToImage:
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if not scheduler_file.is_file():
         raise UserError(f"{folder}/scheduler has no scheduler_config.json")
-    schedule = noise_schedule_from_scheduler(read_json(scheduler_file))
+    scheduler_config = read_json(scheduler_file)
+    schedule = noise_schedule_from_scheduler(scheduler_config)
+    timestep_spacing, steps_offset = spacing_from_scheduler(scheduler_config)
     text_encoder = load_hf_clip(folder / "text_encoder")
     pad_token_id = _tokenizer_padding(folder / "tokenizer", text_encoder.config.max_position_embeddings)
     vae = load_diffusers_vae(folder / "vae")
@@ -137,12 +161,16 @@ def from_stable_diffusion(folder: str | Path) -> TextToImage:
     except (OSError, ValueError, RuntimeError) as error:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{folder}/unet: cannot load it as diffusers' UNet2DConditionModel ({detail})") from None
-    return from_diffusers_parts(unet, vae, text_encoder, pad_token_id, schedule)
+    return from_diffusers_parts(unet, vae, text_encoder, pad_token_id, schedule, timestep_spacing=timestep_spacing,
+                                steps_offset=steps_offset)
 
 
-def from_diffusers_parts(unet, vae, text_encoder, pad_token_id: int, schedule: NoiseSchedule) -> TextToImage:
+def from_diffusers_parts(unet, vae, text_encoder, pad_token_id: int, schedule: NoiseSchedule, *,
+                         timestep_spacing: str = "trailing", steps_offset: int = 0) -> TextToImage:
     """An mmgen latent TextToImage (float32, eval mode) from the models of a StableDiffusionPipeline in memory: its
-    UNet2DConditionModel, AutoencoderKL, CLIPTextModel, its tokenizer's pad id and the scheduler's noise schedule."""
+    UNet2DConditionModel, AutoencoderKL, CLIPTextModel, its tokenizer's pad id and the scheduler's noise schedule;
+    `timestep_spacing` and `steps_offset` (spacing_from_scheduler of the scheduler's config) are the model's default
+    sampling spacing."""
     if type(unet).__name__ != "UNet2DConditionModel":
         raise UserError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
     unet_config = unet_config_from_diffusers(unet.config)
@@ -159,6 +187,8 @@ def from_diffusers_parts(unet, vae, text_encoder, pad_token_id: int, schedule: N
         text_encoder=text_config,
         vae=converted_vae.config,
         mask_text_padding=False,
+        timestep_spacing=timestep_spacing,
+        steps_offset=steps_offset,
     )
     model = TextToImage(config)
     model.unet.load_state_dict(unet_state_from_diffusers(unet_config, unet.state_dict()))  # one copy of the UNet
@@ -206,12 +236,15 @@ def export_problems(config: TextToImageConfig) -> list[str]:
 
 def to_stable_diffusion(model: TextToImage, out: str | Path) -> Path:
     """Write `model` as a diffusers StableDiffusionPipeline folder (atomically): UserError naming every part SD's
-    layout cannot express. The scheduler is a DDIMScheduler with mmgen's default sampling ("trailing" spacing, no
-    x0 clipping beyond what the model's config asks, final step to x0)."""
+    layout cannot express. The scheduler is a DDIMScheduler with the model's default sampling (its timestep spacing
+    and steps_offset, no x0 clipping, final step to x0)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     problems = export_problems(model.config)
+    if model.config.timestep_spacing == "leading" and model.config.steps_offset != 1:
+        problems.append(f"'leading' timestep spacing with steps_offset {model.config.steps_offset} "
+                        "(StableDiffusionPipeline makes every steps_offset 1)")
     if problems:
         raise UserError("this model cannot be expressed as a Stable Diffusion folder: " + "; ".join(problems))
     unet = to_diffusers_unet(model.unet)  # raises for a UNet layout diffusers lacks
@@ -223,7 +256,8 @@ def to_stable_diffusion(model: TextToImage, out: str | Path) -> Path:
         num_train_timesteps=schedule.num_train_timesteps, beta_schedule=schedule.beta_schedule,
         beta_start=schedule.beta_start, beta_end=schedule.beta_end, prediction_type=schedule.prediction_type,
         rescale_betas_zero_snr=schedule.rescale_zero_terminal_snr, clip_sample=False, set_alpha_to_one=True,
-        steps_offset=1, timestep_spacing="trailing",  # "trailing" ignores steps_offset (1 keeps diffusers quiet)
+        # only "leading" reads steps_offset, and it is 1 then (checked above): the value StableDiffusionPipeline sets
+        timestep_spacing=model.config.timestep_spacing, steps_offset=1,
     )
     text = model.config.text_encoder.text
     vocabulary = clip_bpe_vocabulary()[0]

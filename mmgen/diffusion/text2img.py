@@ -27,6 +27,7 @@ from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.tokenizer import CLIPTokenizer
 from ..hub import PretrainedMixin
 from .guidance import ConditionalModel
+from .samplers import SPACINGS, TimestepSpacing
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -44,6 +45,9 @@ class TextToImageConfig:
     How the text conditions the UNet: mask_text_padding (GLIDE's, and mmgen's default) hides the states after the
     end-of-text token from cross-attention; Stable Diffusion attends to all of them (False). text_skip_layers takes the
     text states of an earlier layer (SD's "clip skip"; SD 2's converted text encoder already ends at the penultimate).
+
+    Sampling defaults stored with the model: guidance_scale, and the timesteps' spacing and steps_offset of its
+    default sampler (mmgen's "trailing", 0; a converted Stable Diffusion folder's are its scheduler's).
     """
 
     image_size: int = 64
@@ -54,6 +58,8 @@ class TextToImageConfig:
     mask_text_padding: bool = True
     text_skip_layers: int = 0
     guidance_scale: float | None = None  # the model's default classifier-free guidance for sampling (None: 3.0)
+    timestep_spacing: TimestepSpacing = "trailing"
+    steps_offset: int = 0
 
     def __post_init__(self):
         factor = 2 ** (len(self.unet.channel_multipliers) - 1)  # the UNet's downsampling
@@ -80,6 +86,10 @@ class TextToImageConfig:
                              f"{self.text_encoder.embed_dim} (or null: no pooled text embedding)")
         if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
             raise ValueError(f"guidance_scale must be a finite number >= 0 or null, got {self.guidance_scale}")
+        if self.timestep_spacing not in SPACINGS:
+            raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
+        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
         if not 0 <= self.text_skip_layers < self.text_encoder.text.layers:
             raise ValueError(f"text_skip_layers must lie in [0, {self.text_encoder.text.layers}) (the text encoder's "
                              f"layers), got {self.text_skip_layers}")

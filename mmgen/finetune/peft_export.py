@@ -2,8 +2,8 @@
 `peft.PeftModel.from_pretrained(base, DIR)` puts on the same base: an mmgen model, under mmgen's module names.
 
 mmgen's adapter weights already are peft's LoRA matrices (add_lora injects peft layers); the export renames them
-to a PeftModel's keys and writes peft's LoraConfig for exactly the adapted layers. Loading into diffusers'
-`load_lora_weights` additionally needs the layers under diffusers' names (the UNet as an SD UNet2DConditionModel).
+to a PeftModel's keys and writes peft's LoraConfig for exactly the adapted layers. For diffusers'
+`load_lora_weights` (the layers under diffusers' names) see diffusers_lora.py.
 """
 
 from __future__ import annotations
