@@ -109,7 +109,7 @@ def _multi_positive_infonce(image_features, text_features, logit_scale, logit_bi
     images = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
     positive = text_owners[None, :] == images[:, None]  # (batch, T_all): the image's own captions
     log_probs = F.log_softmax(logits_per_image, dim=-1)
-    image_to_text = -(log_probs.where(positive, 0.0).sum(-1)).mean()
+    image_to_text = -(log_probs.where(positive, 0.0).sum(-1) / positive.sum(-1)).mean()
     # the mean over all processes' captions: this process's sum over (T_all / world_size), so that the mean of
     # the per-process losses is the single-process loss even when processes hold different numbers of captions
     text_to_image = F.cross_entropy(logits_per_text, local_owners, reduction="sum") / (len(text_owners) / world_size)

@@ -133,8 +133,24 @@ def _close(stream) -> OSError | None:
         return error
     status = getattr(stream, "status", None)  # a pipe: (or curl) command's exit status
     if status and status not in getattr(stream, "ignore_status", ()):
-        return OSError(f"{getattr(stream, 'args', 'command')}: exit {status}")
+        return OSError(_exit_reason(stream, status))
     return None
+
+
+# what the exit statuses people meet mean: curl's (http(s) shards; curl -f) and the shell's (pipe: commands)
+CURL_EXITS = {6: "host not found", 7: "cannot connect", 22: "HTTP error, e.g. 404 not found", 28: "timed out",
+              35: "TLS handshake failed", 56: "connection lost"}
+SHELL_EXITS = {126: "command not executable", 127: "command not found"}
+
+
+def _exit_reason(stream, status: int) -> str:
+    """Why a shard's command failed, in words: "download failed: cannot connect (curl exit 7)", "command failed
+    (exit 3)"; webdataset's Pipe keeps the command as its `args` ((command, ...), keyword arguments)."""
+    command = getattr(stream, "args", ((None,), {}))[0][0]
+    if isinstance(command, list) and command[:1] == ["curl"]:
+        return f"download failed: {CURL_EXITS.get(status, 'error')} (curl exit {status})"
+    return f"command failed: {SHELL_EXITS[status]} (exit {status})" if status in SHELL_EXITS else \
+        f"command failed (exit {status})"
 
 
 def shard_samples(shard: str) -> Iterator:

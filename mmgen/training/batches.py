@@ -45,7 +45,8 @@ class Batches:
                 batches += 1
                 yield batch
             if batches == 0:
-                raise UserError("the training stream yielded no complete batch (fewer samples than train.batch_size)")
+                raise UserError("the training stream yielded no complete batch: fewer usable samples than "
+                                "train.batch_size (unreadable shards, if any, are named in the warnings above)")
 
     def validation(self, dataset):
         """The same `eval_batches` batches at every evaluation."""

@@ -1,0 +1,60 @@
+"""Run by test_multi_positive.py under torch.distributed.run: each process scores its shard of one fixed batch whose
+images have several captions, the two shards holding different numbers of captions.
+
+`losses_and_gradients(rank, world_size)` is also called by the test itself with world size 1.
+"""
+
+import sys
+
+import torch
+from torch import distributed as dist
+from torch.nn import functional as F
+
+from mmgen.clip import ClipLoss, SigLipLoss
+
+CAPTION_COUNTS, MAX_CAPTIONS, INPUT_DIM, EMBED_DIM = (1, 3, 2, 2, 1, 1), 3, 6, 5  # images 0-2 on rank 0: 6 captions
+
+
+def losses_and_gradients(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Loss and gradients (shared projections, logit scale and bias, local features) of each loss on this shard."""
+    generator = torch.Generator().manual_seed(0)
+    batch = len(CAPTION_COUNTS)
+    images = torch.randn(batch, INPUT_DIM, generator=generator)
+    texts = torch.randn(sum(CAPTION_COUNTS), INPUT_DIM, generator=generator)
+    mask = torch.arange(MAX_CAPTIONS)[None, :] < torch.tensor(CAPTION_COUNTS)[:, None]
+    image_projection = torch.randn(INPUT_DIM, EMBED_DIM, generator=generator)
+    text_projection = torch.randn(INPUT_DIM, EMBED_DIM, generator=generator)
+    local = slice(rank * batch // world_size, (rank + 1) * batch // world_size)
+    first_caption = sum(CAPTION_COUNTS[: local.start])
+    local_texts = slice(first_caption, first_caption + sum(CAPTION_COUNTS[local]))
+    results = {}
+    for name, loss_fn, bias in (("clip", ClipLoss(), None), ("siglip", SigLipLoss(), -2.0)):
+        parameters = {
+            "image_projection": image_projection.clone().requires_grad_(),
+            "text_projection": text_projection.clone().requires_grad_(),
+            "log_scale": torch.tensor(2.3, requires_grad=True),
+        }
+        if bias is not None:
+            parameters["logit_bias"] = torch.tensor(bias, requires_grad=True)
+        image_features = F.normalize(images[local] @ parameters["image_projection"], dim=-1)
+        text_features = F.normalize(texts[local_texts] @ parameters["text_projection"], dim=-1)
+        image_features.retain_grad()
+        text_features.retain_grad()
+        loss = loss_fn(image_features, text_features, parameters["log_scale"].exp(), parameters.get("logit_bias"),
+                       caption_mask=mask[local])
+        loss.backward()
+        results[f"{name}.loss"] = loss.detach()
+        results[f"{name}.image_features"] = image_features.grad
+        results[f"{name}.text_features"] = text_features.grad
+        results.update({f"{name}.{key}": parameter.grad for key, parameter in parameters.items()})
+    return {key: value.contiguous() for key, value in results.items()}
+
+
+if __name__ == "__main__":
+    from safetensors.torch import save_file
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    save_file(losses_and_gradients(rank, dist.get_world_size()), f"{sys.argv[1]}/rank{rank}.safetensors")
+    dist.barrier()  # both ranks done before teardown: gloo aborts if one leaves mid-exchange
+    dist.destroy_process_group()
