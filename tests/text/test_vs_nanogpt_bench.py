@@ -43,6 +43,8 @@ def test_mmgen_command_matches_the_steps(bench, tmp_path):
     assert command[1:5] == ["-m", "mmgen.cli", "train", "lm"]
     assert command[command.index("--config") + 1] == str(bench.CONFIG) and bench.CONFIG.is_file()
     assert "train.max_steps=123" in command and command[command.index("--out") + 1] == str(tmp_path / "run")
+    assert not any(part.startswith("train.max_steps=") for part in bench.mmgen_command(None, tmp_path / "run"))
+    assert bench.recipe_steps() < 2000  # the recipe gets to nanoGPT's val loss in fewer steps than nanoGPT's 2000
 
 
 def test_arguments(bench, capsys):
@@ -106,7 +108,8 @@ def test_both_orders_run_each_command_twice_and_report_ratios(bench, tmp_path, m
     monkeypatch.setattr(bench, "run_mmgen", fake("mmgen"))
     root = fake_checkout(tmp_path / "nanoGPT", text)
     out = tmp_path / "result.json"
-    assert bench.main(["--nanogpt", str(root), "--steps", "7", "--threads", "2", "--json", str(out)]) == 0
+    assert bench.main(["--nanogpt", str(root), "--steps", "7", "--mmgen-steps", "7", "--threads", "2",
+                       "--json", str(out)]) == 0
     assert calls == ["nanogpt", "mmgen", "mmgen", "nanogpt"]
     results = json.loads(out.read_text())
     assert [r["ratio_mmgen_over_nanogpt"] for r in results["rounds"]] == [round(10 / 11, 3), round(11 / 14, 3)]
