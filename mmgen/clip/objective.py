@@ -16,8 +16,6 @@ micro-batches' captions and masks in the same order.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .loss import ClipLoss, SigLipLoss
@@ -52,7 +50,7 @@ class ContrastiveObjective:
         replays the RNG state of its feature pass, so random draws in the model (patch dropout) are the same in
         both; afterwards the RNG continues from where the feature passes left it. Returns the (detached) loss."""
         states, cached = [], []
-        with torch.no_grad(), _no_parameter_requires_grad(model), passes.autocast():
+        with torch.no_grad(), passes.autocast():
             for batch in micro_batches:
                 states.append(passes.rng_state())
                 output = model(batch["images"], batch["tokens"])
@@ -77,18 +75,3 @@ class ContrastiveObjective:
             passes.backward(loss)
         passes.set_rng_state(after_features)
         return loss.detach(), {"train/logit_scale": output.logit_scale.detach()}
-
-
-@contextlib.contextmanager
-def _no_parameter_requires_grad(model):
-    """Parameters not requiring grad for a while: under no_grad alone a slice of a parameter (the position
-    embeddings) still requires grad without a grad_fn, which module hooks such as torch's FLOP counter
-    (mmgen.training.throughput counts the first step) cannot handle."""
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    for parameter in trainable:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for parameter in trainable:
-            parameter.requires_grad_(True)

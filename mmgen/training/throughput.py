@@ -140,9 +140,24 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float3
     return 2 * size**3 / best
 
 
+class _NoModuleTracking:
+    """Stands in for FlopCounterMode's ModuleTracker: every FLOP is counted under "Global" only. The tracker's module
+    hooks fail on inputs that require grad without a grad_fn (a slice of a parameter under no_grad, as CLIP's
+    cached-feature pass makes), and only the total is wanted here."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
 def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
-    """torch's FlopCounterMode (display off) that also counts the CPU's fused attention kernels, which torch's
-    formulas leave out (the same counts as the CUDA flash/efficient kernels: two matmuls forward, five backward)."""
+    """torch's FlopCounterMode (display off, total only: get_total_flops) that also counts the CPU's fused attention
+    kernels, which torch's formulas leave out (the same counts as the CUDA flash/efficient kernels: two matmuls
+    forward, five backward)."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -156,7 +171,9 @@ def flop_counter() -> torch.utils.flop_counter.FlopCounterMode:
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = forward
         mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = backward
-    return FlopCounterMode(display=False, custom_mapping=mapping)
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    counter.mod_tracker = _NoModuleTracking()
+    return counter
 
 
 class Throughput:
