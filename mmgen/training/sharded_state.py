@@ -22,6 +22,7 @@ from ..errors import CheckpointError, ConfigError
 from ..hub import _unshared_state_dict
 from ..io import load_tensors, read_json, save_tensors, write_json
 from ..run_folder import EMA_WEIGHTS_FILE
+from . import deepspeed_state
 from .checkpoint import optimizer_state_from_files, optimizer_state_to_files
 from .ema import ExponentialMovingAverage
 from .fsdp import (
@@ -237,20 +238,32 @@ def _read_shards(folder: Path, stem: str) -> dict[str, torch.Tensor]:
 
 class AcceleratedSharding:
     """Checkpoints of a model Accelerate shards itself (an accelerate config with distributed_type FSDP or
-    DEEPSPEED, train.fsdp off): the model gathered by `accelerator.get_state_dict` into the same files one process
-    writes; under FSDP the optimizer state through `full_optimizer_state`, under DeepSpeed none (its partitioned
-    state is not a state dict: a resume restarts AdamW's moments, with a warning). Untested on CPU, where Accelerate
-    never selects either."""
+    DEEPSPEED, train.fsdp off): the model gathered by `accelerator.get_state_dict` and the whole AdamW state (under
+    FSDP through `full_optimizer_state`, under DeepSpeed through mmgen.training.deepspeed_state) into the same files
+    one process writes. DeepSpeed ZeRO-2 / ZeRO-3 are tested on CPU (DeepSpeed's CPU accelerator over gloo,
+    tests/training/test_deepspeed.py); Accelerate's FSDP has no CPU path, so that branch is untested here."""
 
-    def __init__(self, model: nn.Module, accelerator, batch_size: int):
+    def __init__(self, model: nn.Module, accelerator, config):
         from accelerate.utils import DistributedType
 
         self.accelerator = accelerator
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-        if self.deepspeed:  # the Trainer prepares no DataLoader, from which DeepSpeed would read the batch size
-            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = batch_size
+        if self.deepspeed:
+            scalars = [name for name, parameter in model.named_parameters() if parameter.dim() == 0]
+            if scalars:  # DeepSpeed 0.19's initial broadcast views each parameter as bytes, which a 0-dim one refuses
+                raise ConfigError(f"an accelerate DeepSpeed launch cannot train this model: DeepSpeed refuses its "
+                                  f"0-dimensional parameters ({', '.join(scalars)}); use train.fsdp.enabled=true")
+            if config.grad_accum_steps > 1:  # DeepSpeed steps inside accelerator.backward, and scales the loss again
+                raise ConfigError("train.grad_accum_steps > 1 with an accelerate DeepSpeed launch: not supported "
+                                  "(raise train.batch_size, or use train.fsdp.enabled=true)")
+            deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+            # the Trainer prepares no DataLoader, from which DeepSpeed would read the batch size; DeepSpeed clips
+            # gradients itself (accelerator.clip_grad_norm_ does nothing under it): train.grad_clip decides
+            deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+            deepspeed_config["gradient_clipping"] = config.grad_clip
         self.skeleton = meta_skeleton(model)
         self.model = model
+        self.parameter_groups = None  # under DeepSpeed: the optimizer's parameters by group, before it flattens them
         self.pending_optimizer_state = None
 
     def make_ema(self, decay: float, warmup: bool):
@@ -260,15 +273,28 @@ class AcceleratedSharding:
 
     def prepare(self, accelerator, model: nn.Module, optimizer):
         """Accelerate shards model and optimizer; an optimizer state read on resume is applied now."""
+        resumed_weights = None
+        if self.deepspeed:
+            self.parameter_groups = deepspeed_state.parameter_groups(optimizer)
+            if self.pending_optimizer_state is not None:  # the checkpoint's fp32 weights, before any cast to bf16
+                resumed_weights = deepspeed_state.trained_values(self.parameter_groups)
         self.model, prepared_optimizer = accelerator.prepare(model, optimizer)
-        if self.pending_optimizer_state is not None:
+        if self.pending_optimizer_state is not None and self.deepspeed:
+            deepspeed_state.load_fp32_weights(self.parameter_groups, resumed_weights)
+            deepspeed_state.load_full_optimizer_state(self.parameter_groups, self.model.optimizer,
+                                                      self.pending_optimizer_state)
+        elif self.pending_optimizer_state is not None:
             load_full_optimizer_state(self.model, optimizer, self.pending_optimizer_state)
-            self.pending_optimizer_state = None
+        self.pending_optimizer_state = None
         return self.model, prepared_optimizer
 
     def gathered_model(self, ema=None) -> nn.Module | None:
-        """The whole model in CPU memory on the main process (None elsewhere); collective."""
-        state = self.accelerator.get_state_dict(self.model)
+        """The whole model in CPU memory on the main process (None elsewhere); collective. Under DeepSpeed its
+        trained parameters are the fp32 master weights (the module's own are rounded under bf16 / fp16)."""
+        state = self.accelerator.get_state_dict(self.model)  # on the main process
+        if self.deepspeed:
+            master = deepspeed_state.full_fp32_weights(self.parameter_groups, self.model.module)
+            state = {**state, **master} if self.accelerator.is_main_process else state
         return full_model(self.skeleton, {k: v.cpu() for k, v in state.items()}) if self.accelerator.is_main_process \
             else None
 
@@ -280,21 +306,20 @@ class AcceleratedSharding:
         return evaluate_fn(model.to(device), step) if model is not None and evaluate_fn is not None else {}
 
     def save(self, folder: Path, optimizer, ema, save_fn: Callable) -> None:
-        """Write the gathered model (and, under FSDP, optimizer state) into `folder`; collective."""
+        """Write the gathered model and optimizer state into `folder`; collective."""
         model = self.gathered_model()
-        optimizer_state = None if self.deepspeed else full_optimizer_state(self.model, optimizer)
+        if self.deepspeed:
+            optimizer_state = deepspeed_state.full_optimizer_state(self.parameter_groups, self.model.optimizer)
+        else:
+            optimizer_state = full_optimizer_state(self.model, optimizer)
         if self.accelerator.is_main_process:
             save_fn(model, folder)
-            if optimizer_state is not None:
-                optimizer_state_to_files(optimizer_state, folder)
+            optimizer_state_to_files(optimizer_state, folder)
 
     def load(self, folder: Path, optimizer, ema, load_fn: Callable) -> None:
         """Before Accelerate prepares the model: the weights into it; the optimizer state once it is sharded."""
         load_fn(self.model, folder)
-        if (folder / "optimizer.json").exists():
-            self.pending_optimizer_state = optimizer_state_from_files(folder)
-        else:
-            self.accelerator.print(f"warning: {folder} holds no optimizer state (DeepSpeed): AdamW's moments restart")
+        self.pending_optimizer_state = optimizer_state_from_files(folder)
 
 
 def sharding_for(model: nn.Module, config, accelerator):
@@ -305,5 +330,5 @@ def sharding_for(model: nn.Module, config, accelerator):
     if config.fsdp.enabled:
         return ShardedTraining.create(model, config.fsdp, accelerator)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return AcceleratedSharding(model, accelerator, config.batch_size)
+        return AcceleratedSharding(model, accelerator, config)
     return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from .checkpointing import Checkpoints
 from .ema import ExponentialMovingAverage
 from .fsdp import FSDPConfig
 from .interrupts import DeferredStop, Interrupted
+from .launch import accelerator_options, process_state_options
 from .metrics import MetricsLogger
 from .optim import learning_rate, make_optimizer
 from .sharded_state import sharding_for
@@ -89,18 +89,11 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1) (0 turns EMA off), got {self.ema_decay}")
 
 
-def cpu_only_launch() -> bool:
-    """True under torchrun / accelerate launch on a machine without CUDA: Accelerate then needs cpu=True to
-    set up MULTI_CPU (gloo) instead of silently running every process alone."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) != -1
-    return launched and not torch.cuda.is_available()
-
-
 def process_state():
     """Accelerate's PartialState for this process (rank, world size, main-process helpers)."""
     from accelerate import PartialState
 
-    return PartialState(cpu=cpu_only_launch())
+    return PartialState(**process_state_options())
 
 
 def default_save(model, folder: Path) -> None:
@@ -168,7 +161,7 @@ class Trainer(Checkpoints):
         # one Trainer is one run: forget an earlier run's precision in this process (the process group stays)
         AcceleratorState._reset_state(reset_partial_state=False)
         try:
-            self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu_only_launch())
+            self.accelerator = Accelerator(mixed_precision=config.mixed_precision, **accelerator_options())
         except ValueError as error:
             raise ConfigError(f"train.mixed_precision={config.mixed_precision!r}: {error}") from None
         if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
