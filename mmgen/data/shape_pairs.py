@@ -4,7 +4,8 @@ does not.
 Item i of a ShapesDataset gives the caption (always complete: "a small red circle at the top left") and the winner,
 a render of it. The loser is the same layout with one thing wrong: another colour or another shape (a seeded coin
 flip), drawn from the split's own shape x colour pairs, so training on "train" pairs never renders a held-out
-pair. Winner and loser are rendered from the same seeded generator: background, jitter, size, rotation, place in the
+pair. A held-out pair whose split offers neither (no other held-out colour of its shape, no other held-out shape of
+its colour) takes its loser from every colour or shape: only the few "val" pairs can need this. Winner and loser are rendered from the same seeded generator: background, jitter, size, rotation, place in the
 cell and pixel noise are identical, and the pair differs only in what the caption names.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset
 
-from .shapes import SPLITS, ShapesDataset, caption, render
+from .shapes import COLOURS, SPLITS, ShapesDataset, caption, render
 
 
 class ShapePreferencePairs(Dataset):
@@ -37,6 +38,9 @@ class ShapePreferencePairs(Dataset):
             "colour": [colour for shape, colour in pairs if shape == winner["shape"] and colour != winner["colour"]],
             "shape": [shape for shape, colour in pairs if colour == winner["colour"] and shape != winner["shape"]],
         }
+        if not any(options.values()):  # an isolated held-out pair: any other colour or shape is wrong
+            options = {"colour": [colour for colour in COLOURS if colour != winner["colour"]],
+                       "shape": [shape for shape in self.shapes.shapes if shape != winner["shape"]]}
         rng = np.random.default_rng(self._seed(index, 4))
         mistakes = [name for name in ("colour", "shape") if options[name]]
         mistake = mistakes[rng.integers(len(mistakes))]

@@ -142,6 +142,19 @@ def test_shape_pairs_differ_only_in_the_named_attribute():
     assert torch.equal(again["loser"], pairs[5]["loser"]) and torch.equal(again["image"], pairs[5]["image"])
 
 
+def test_every_held_out_caption_gets_a_loser():
+    """Some held-out pairs share neither shape nor colour with another held-out pair: their losers come from every
+    colour or shape (the DPO recipe's validation used to crash on the first such item)."""
+    shapes = ShapesDataset("val", 200, 16, seed=0)
+    pairs = ShapePreferencePairs(shapes)
+    isolated = 0
+    for index in range(len(pairs)):
+        winner, (loser, mistake) = shapes.attributes(index), pairs.loser_attributes(index)
+        assert [key for key in winner if winner[key] != loser[key]] == [mistake]
+        isolated += (loser["shape"], loser["colour"]) not in shapes.pairs
+    assert isolated > 0  # the case is exercised
+
+
 @pytest.fixture
 def dpo_config(tmp_path):
     tiny_text2img().save_pretrained(tmp_path / "base")
