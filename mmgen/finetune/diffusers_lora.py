@@ -23,7 +23,8 @@ from ..config import from_dict
 from ..errors import CheckpointError, ConfigError, UserError
 from ..io import atomic_folder, load_tensors
 from .adapter import ADAPTER_WEIGHTS, read_adapter_config, resolve_adapter_folder
-from .lora import ADAPTED_PART, LoRAConfig
+from .lora import ADAPTED_PART
+from .peft_export import exportable_lora_config
 
 DIFFUSERS_LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file load_lora_weights(DIR) looks for
 _UNET = ADAPTED_PART["text2img"] + "."
@@ -38,7 +39,7 @@ def export_diffusers_lora(adapter: str | Path, out_dir: str | Path) -> Path:
 
     folder = resolve_adapter_folder(adapter)
     meta = read_adapter_config(folder)
-    config = _lora_config(folder, meta)
+    config = exportable_lora_config(folder, meta)
     unet_config = _base_unet_config(folder, meta)
     state = diffusers_lora_state(load_tensors(folder / ADAPTER_WEIGHTS), unet_config, config.alpha / config.rank)
     targets = sorted({name.split(".lora_")[0] for name in state})
@@ -80,16 +81,6 @@ def diffusers_lora_state(tensors: dict[str, torch.Tensor], unet_config, scale: f
             state[f"{their}.lora_A.weight"] = pair["A"].reshape(rank, *shape[1:]).clone()  # no shared storage
             state[f"{their}.lora_B.weight"] = (rows * scale).reshape(shape[0], rank, *[1] * (len(shape) - 2))
     return state
-
-
-def _lora_config(folder: Path, meta: dict) -> LoRAConfig:
-    try:
-        config = from_dict(LoRAConfig, meta["lora"], "lora.")
-    except ConfigError as error:
-        raise CheckpointError(f"{folder}: {error}") from None
-    if config.method != "lora":
-        raise UserError(f"{folder} is a {config.method} adapter, trained on a 4-bit base: only lora adapters export")
-    return config
 
 
 def _base_unet_config(folder: Path, meta: dict):

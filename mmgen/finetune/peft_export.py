@@ -20,6 +20,18 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # where a PeftModel keeps the model it wraps
 
 
+def exportable_lora_config(folder: Path, meta: dict) -> LoRAConfig:
+    """The LoRAConfig of the adapter in `folder` (`meta`: its adapter config), refused in one line unless it is a
+    plain LoRA: a QLoRA adapter's matrices were trained on a 4-bit base."""
+    try:
+        config = from_dict(LoRAConfig, meta["lora"], "lora.")
+    except ConfigError as error:
+        raise CheckpointError(f"{folder}: {error}") from None
+    if config.method != "lora":
+        raise UserError(f"{folder} is a {config.method} adapter, trained on a 4-bit base: only lora adapters export")
+    return config
+
+
 def export_peft(adapter: str | Path, out_dir: str | Path) -> Path:
     """Write the adapter in `adapter` (a folder, or an adapter run's final/ or latest checkpoint) as a peft adapter
     folder in `out_dir`, atomically. A QLoRA adapter is refused: its matrices were trained on a 4-bit base."""
@@ -28,12 +40,7 @@ def export_peft(adapter: str | Path, out_dir: str | Path) -> Path:
 
     folder = resolve_adapter_folder(adapter)
     meta = read_adapter_config(folder)
-    try:
-        config = from_dict(LoRAConfig, meta["lora"], "lora.")
-    except ConfigError as error:
-        raise CheckpointError(f"{folder}: {error}") from None
-    if config.method != "lora":
-        raise UserError(f"{folder} is a {config.method} adapter, trained on a 4-bit base: only lora adapters export")
+    config = exportable_lora_config(folder, meta)
     peft_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, bias="none",
                              target_modules=sorted(meta["layers"]), base_model_name_or_path=meta.get("base"))
     tensors = load_tensors(folder / ADAPTER_WEIGHTS)

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from mmgen.training import TrainConfig, Trainer
 from mmgen.training.fsdp import FSDPConfig
@@ -90,3 +92,14 @@ def train(case: str, run_dir: Path, processes: int = 1, fsdp: dict | None = None
     trainer = Trainer(model, config, run_dir, loss_fn=loss_fn, train_dataset=data)
     trainer.fit(resume=resume)
     return trainer
+
+
+def weights(folder: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file of a run folder."""
+    return load_file(str(folder / name))
+
+
+def train_losses(run: Path) -> list[float]:
+    """train/loss of every logged step of a run, in order."""
+    return [r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r]

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.training.fsdp_cases import max_difference, train
+from tests.training.fsdp_cases import max_difference, train, train_losses, weights
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
@@ -26,15 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 CONFIGS = ("zero2", "zero3", "zero3-offload")  # configs/accelerate/deepspeed-<name>.yaml
 TOLERANCE = 1e-5
-
-
-def weights(folder: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    return load_file(str(folder / name))
-
-
-def train_losses(run: Path) -> list[float]:
-    return [r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "train/loss" in r]
 
 
 @pytest.fixture(scope="module")

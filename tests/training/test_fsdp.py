@@ -9,22 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.training.fsdp_cases import CASES, max_difference, train
+from tests.training.fsdp_cases import CASES, max_difference, train, train_losses, weights
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 TOLERANCE = 1e-5
-
-
-def weights(folder: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
-    return load_file(str(folder / name))
-
-
-def train_losses(run: Path) -> list[float]:
-    return [r["train/loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if "train/loss" in r]
 
 
 @pytest.fixture(scope="module")
