@@ -150,7 +150,7 @@ class CLIPOutput(NamedTuple):
 class TextEncoding(NamedTuple):
     """Per-token text states (for cross-attention) and the pooled, projected text embedding."""
 
-    token_states: torch.Tensor  # (batch, seq, width), after the final norm
+    token_states: torch.Tensor | None  # (batch, seq, width), after the final norm (None: not asked for)
     embedding: torch.Tensor  # (batch, embed_dim)
     padding_mask: torch.Tensor  # (batch, seq) bool, True after the end-of-text token (ignore as keys)
 
@@ -212,8 +212,9 @@ class VisionTower(nn.Module):
         x = torch.cat([class_token, x], dim=1) + self.position_embedding(x.shape[1] + 1)
         if self.training and self.patch_dropout > 0:
             x = drop_patches(x, self.patch_dropout)
-        x = self.transformer(self.norm_pre(x))
-        return self.projection(self.norm_post(x[:, 0]))
+        class_position = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        x = self.transformer(self.norm_pre(x), output_positions=class_position)  # the last block: class token only
+        return self.projection(self.norm_post(x))
 
 
 class TextTower(nn.Module):
@@ -233,10 +234,12 @@ class TextTower(nn.Module):
         self.projection = nn.Linear(width, clip.embed_dim, bias=False)
         nn.init.normal_(self.projection.weight, std=width**-0.5)
 
-    def forward(self, tokens: torch.Tensor, skip_last_layers: int = 0) -> TextEncoding:
+    def forward(self, tokens: torch.Tensor, skip_last_layers: int = 0, token_states: bool = True) -> TextEncoding:
         """Token states and unnormalised pooled embedding of tokens (batch, seq <= context_length).
 
         skip_last_layers: states of an earlier layer, still through the final norm (Stable Diffusion's "clip skip").
+        token_states=False: the pooled embedding alone (token_states is None): the last block then computes the
+        end-of-text position only, which is all a contrastive loss reads.
         """
         if tokens.dim() != 2:
             raise ValueError(f"expected tokens of shape (batch, seq), got {tuple(tokens.shape)}")
@@ -248,6 +251,9 @@ class TextTower(nn.Module):
         if self.config.pad_token_id is not None:
             tokens = tokens.masked_fill(padding_mask, self.config.pad_token_id)
         x = self.token_embedding(tokens) + self.position_embedding(tokens.shape[1])
+        if not token_states and skip_last_layers == 0:
+            pooled = self.norm_final(self.transformer(x, causal=True, output_positions=end))
+            return TextEncoding(None, self.projection(pooled), padding_mask)
         x = self.transformer(x, causal=True, num_blocks=self.config.layers - skip_last_layers)
         x = self.norm_final(x)  # (batch, seq, width)
         pooled = x[torch.arange(x.shape[0], device=x.device), end]
@@ -280,7 +286,8 @@ class CLIP(nn.Module, PretrainedMixin):
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Text embeddings (batch, embed_dim) of token ids (batch, seq); unit length if `normalize`."""
-        return self.encode_text_tokens(tokens, normalize=normalize).embedding
+        embedding = self.text(tokens, token_states=False).embedding
+        return F.normalize(embedding, dim=-1) if normalize else embedding
 
     def encode_text_tokens(self, tokens: torch.Tensor, normalize: bool = True, skip_last_layers: int = 0
                            ) -> TextEncoding:

@@ -85,13 +85,19 @@ class MultiHeadAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         rotary: RotaryEmbedding | None = None,
+        query_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from x (batch, seq, dim) to itself or to `context` (batch, context_seq, context_dim).
 
         key_padding_mask: bool (batch, key_seq), True marks padding keys that are ignored.
         attn_mask: bool (True = may attend) or additive float, broadcastable to (batch, heads, seq, key_seq).
         cache: a KVCache for incremental decoding of self-attention; new positions follow the cached ones.
+        query_positions: long (batch,): self-attention from one position per row only (every position still a key
+        and value); the output is (batch, 1, dim), equal to that row's position in the full output. A model that
+        reads one pooled token of its last layer skips the rest of that layer with it.
         """
+        if query_positions is not None and (self.is_cross_attention or cache is not None or attn_mask is not None):
+            raise ValueError("query_positions is for self-attention without a cache or an explicit attn_mask")
         past = len(cache) if cache is not None else 0
         if self.is_cross_attention:
             if context is None:
@@ -112,7 +118,12 @@ class MultiHeadAttention(nn.Module):
                 q, k, v = qkv.unbind(0)
         if cache is not None:
             k, v = cache.append(k, v)
-        mask, is_causal = _combine_masks(q.shape[-2], k.shape[-2], past, causal, key_padding_mask, attn_mask, q.device)
+        if query_positions is not None:
+            q = q.gather(2, query_positions.view(-1, 1, 1, 1).expand(q.shape[0], q.shape[1], 1, q.shape[3]))
+            mask, is_causal = _one_query_mask(query_positions, k.shape[-2], causal, key_padding_mask), False
+        else:
+            mask, is_causal = _combine_masks(q.shape[-2], k.shape[-2], past, causal, key_padding_mask, attn_mask,
+                                             q.device)
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
@@ -123,6 +134,17 @@ class MultiHeadAttention(nn.Module):
         )
         out = out.to(dtype).transpose(1, 2).flatten(2)  # (batch, seq, dim)
         return self.out_dropout(self.out_proj(out))
+
+
+def _one_query_mask(positions, key_len, causal, key_padding_mask):
+    """The SDPA mask (batch, 1, 1, key_seq) of one query per row at `positions` (batch,), or None."""
+    mask = None
+    if causal:  # the query at position p sees keys 0..p
+        mask = (torch.arange(key_len, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
+    if key_padding_mask is not None:
+        keep = ~key_padding_mask.bool()[:, None, None, :]
+        mask = keep if mask is None else mask & keep
+    return mask
 
 
 def _combine_masks(query_len, key_len, past, causal, key_padding_mask, attn_mask, device):

@@ -64,22 +64,21 @@ class TransformerBlock(nn.Module):
         attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x: (batch, seq, dim); context: (batch, context_seq, context_dim) for cross-attention."""
+        """x: (batch, seq, dim); context: (batch, context_seq, context_dim) for cross-attention.
+
+        positions: long (batch,): compute the output at one position per row only, (batch, 1, dim) (the other
+        positions serve as keys and values): the last block of a model that pools one token."""
+        attend = dict(causal=causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask, cache=cache,
+                      rotary=rotary, query_positions=positions)
+        residual = x if positions is None else x.gather(1, positions.view(-1, 1, 1).expand(-1, 1, x.shape[-1]))
         if self.norm_position == "post":
-            x = self.norm_attn(x + self.attn(x, causal=causal, key_padding_mask=key_padding_mask,
-                                             attn_mask=attn_mask, cache=cache, rotary=rotary))
+            x = self.norm_attn(residual + self.attn(x, **attend))
             if self.cross_attn is not None and context is not None:
                 x = self.norm_cross(x + self.cross_attn(x, context, key_padding_mask=context_padding_mask))
             return self.norm_mlp(x + self.mlp(x))
-        x = x + self.attn(
-            self.norm_attn(x),
-            causal=causal,
-            key_padding_mask=key_padding_mask,
-            attn_mask=attn_mask,
-            cache=cache,
-            rotary=rotary,
-        )
+        x = residual + self.attn(self.norm_attn(x), **attend)
         if self.cross_attn is not None and context is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, key_padding_mask=context_padding_mask)
         return x + self.mlp(self.norm_mlp(x))
@@ -94,17 +93,27 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
 
     def forward(
-        self, x: torch.Tensor, *, caches: list[KVCache] | None = None, num_blocks: int | None = None, **options
+        self,
+        x: torch.Tensor,
+        *,
+        caches: list[KVCache] | None = None,
+        num_blocks: int | None = None,
+        output_positions: torch.Tensor | None = None,
+        **options,
     ) -> torch.Tensor:
         """Run every block (the first `num_blocks` only, when given); `caches` holds one KVCache per block for
-        incremental decoding."""
-        for index, block in enumerate(self.blocks[:num_blocks]):
+        incremental decoding. With `output_positions` (long, (batch,)) the result is (batch, dim): the states at
+        those positions only, which the last block computes alone (a CLIP tower's class or end-of-text token)."""
+        blocks = self.blocks[:num_blocks]
+        for index, block in enumerate(blocks):
             cache = caches[index] if caches is not None else None
+            if output_positions is not None and index == len(blocks) - 1:
+                options = {**options, "positions": output_positions}
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(_run_block, block, x, cache, options, use_reentrant=False)
             else:
                 x = block(x, cache=cache, **options)
-        return x
+        return x if output_positions is None else x[:, 0]
 
     def new_caches(self) -> list[KVCache]:
         """Empty KV caches, one per block."""

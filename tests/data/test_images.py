@@ -98,3 +98,28 @@ def test_bad_settings_are_config_errors():
         image_transform(16, train=True, normalize="imagenet")
     with pytest.raises(ConfigError, match="crop_scale"):
         image_transform(16, train=True, crop_scale=(0.9, 1.5))
+
+
+@pytest.mark.parametrize("scale", [(0.9, 1.0), (0.3, 0.6), (1.0, 1.0)])
+def test_training_crop_equals_torchvisions_v2_pipeline(scale):
+    """The direct training transform draws the same crops and gives the same pixels as the v2 Compose it replaces,
+    from PIL images and uint8 tensors of several sizes, upscaled and downscaled."""
+    from torchvision.transforms import v2
+
+    generator = torch.Generator().manual_seed(3)
+    reference = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(24, scale=scale, antialias=True),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)])
+    transform = image_transform(24, train=True, crop_scale=scale)
+    for height, width in [(36, 36), (17, 40), (64, 30), (24, 24)]:
+        pixels = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+        for image in (pixels, Image.fromarray(pixels.permute(1, 2, 0).numpy())):
+            for seed in range(4):
+                torch.manual_seed(seed)
+                expected = reference(image)
+                torch.manual_seed(seed)
+                got = transform(image)
+                assert got.shape == (3, 24, 24) and got.dtype == torch.float32
+                torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.manual_seed(0)
+    first = transform(pixels)
+    assert not torch.equal(first, transform(pixels)) or scale == (1.0, 1.0)  # a new crop per call

@@ -66,3 +66,40 @@ def test_gradient_checkpointing_gives_same_gradients():
     checkpointed = [p.grad for p in stack.parameters()] + [x.grad]
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+@pytest.mark.parametrize("masks", ["none", "causal", "causal+padding", "padding"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_output_positions_equal_the_full_stack_at_those_positions(norm_position, masks, checkpointing):
+    """A stack whose last block computes one position per row gives that row's full output, and the same gradients
+    for every parameter and the input (the other positions still serve as keys and values)."""
+    torch.manual_seed(2)
+    stack = Transformer(3, 32, 4, mlp_ratio=2, norm_position=norm_position, gradient_checkpointing=checkpointing)
+    x = torch.randn(5, 9, 32, requires_grad=True)
+    positions = torch.tensor([0, 8, 3, 5, 1])
+    options = {}
+    if "causal" in masks:
+        options["causal"] = True
+    if "padding" in masks:
+        options["key_padding_mask"] = torch.arange(9)[None, :] > positions[:, None] + 1
+    full = stack(x, **options)[torch.arange(5), positions]
+    loss_weights = torch.randn(5, 32)
+    full_gradients = torch.autograd.grad((full * loss_weights).sum(), [x, *stack.parameters()])
+    picked = stack(x, output_positions=positions, **options)
+    assert picked.shape == (5, 32)
+    torch.testing.assert_close(picked, full, atol=1e-5, rtol=1e-5)
+    picked_gradients = torch.autograd.grad((picked * loss_weights).sum(), [x, *stack.parameters()])
+    for expected, got in zip(full_gradients, picked_gradients):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    other = stack(x, output_positions=(positions + 1) % 9, **options)  # control: another position differs
+    assert (other - full).abs().max() > 1e-2
+
+
+def test_query_positions_refuse_what_they_cannot_express():
+    from mmgen.nn import MultiHeadAttention
+
+    attention = MultiHeadAttention(16, 2)
+    x = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match="query_positions"):
+        attention(x, attn_mask=torch.ones(4, 4, dtype=torch.bool), query_positions=torch.tensor([0, 1]))
