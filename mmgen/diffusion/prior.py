@@ -145,8 +145,10 @@ class DiffusionPrior(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMi
         sequence = sequence + self.positions(sequence.shape[1])
         # padding tokens after end-of-text are never attended to; the four last positions are always real
         padding = F.pad(text.padding_mask, (0, EXTRA_POSITIONS), value=False)
-        hidden = self.transformer(sequence, causal=True, key_padding_mask=padding)
-        return self.out_proj(self.norm_out(hidden[:, -1]))
+        last = torch.full((batch,), sequence.shape[1] - 1, dtype=torch.long, device=sequence.device)
+        # the last block computes the query position alone: the only output read
+        hidden = self.transformer(sequence, causal=True, key_padding_mask=padding, output_positions=last)
+        return self.out_proj(self.norm_out(hidden))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Training entry point: encode `tokens` with the frozen CLIP, then denoise."""

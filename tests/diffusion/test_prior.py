@@ -54,14 +54,22 @@ def test_shapes_scale_and_the_frozen_clip(prior):
 
 
 def _sequence_states(prior, x_t, t, text) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the transformer's hidden states (batch, seq, width), the prediction) of one denoise call."""
+    """(the transformer's hidden states (batch, seq, width) at every position, the prediction) of one denoise call.
+
+    denoise runs the last block for the query position alone; the full states are recomputed from the same inputs,
+    and their query position must give the same prediction."""
     captured = []
-    handle = prior.transformer.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    handle = prior.transformer.register_forward_hook(
+        lambda module, args, kwargs, output: captured.append((args, kwargs)), with_kwargs=True)
     try:
         prediction = prior.denoise(x_t, t, text)
     finally:
         handle.remove()
-    return captured[0], prediction
+    args, kwargs = captured[0]
+    assert "output_positions" in kwargs
+    states = prior.transformer(*args, **{key: value for key, value in kwargs.items() if key != "output_positions"})
+    torch.testing.assert_close(prior.out_proj(prior.norm_out(states[:, -1])), prediction, atol=1e-5, rtol=1e-5)
+    return states, prediction
 
 
 def test_causal_sequence_each_position_sees_only_what_comes_before(prior):
