@@ -65,6 +65,7 @@ class Sampler:
     """What DDPM and DDIM share: the inference timesteps, each one's predecessor and the clipped x0 prediction."""
 
     takes_eta: ClassVar[bool] = False  # whether SamplerConfig.eta (stochasticity) means something to this kind
+    takes_set_alpha_to_one: ClassVar[bool] = False  # whether SamplerConfig.set_alpha_to_one does (DDIM)
 
     def __init__(
         self,
@@ -187,6 +188,7 @@ class DDIMSampler(Sampler):
     and the x0 it keeps."""
 
     takes_eta = True
+    takes_set_alpha_to_one = True
 
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, set_alpha_to_one: bool = True,
                  use_clipped_model_output: bool = True, **options):
@@ -322,7 +324,9 @@ class SamplerConfig:
 
     "trailing" spacing starts at the last training timestep (pure noise) however few the steps; steps_offset shifts
     "leading" timesteps up (Stable Diffusion's schedulers say 1). x0 estimates are clipped to clip_sample_range, by
-    default the model's sample range ([-1, 1] for pixels, wider for VAE latents).
+    default the model's sample range ([-1, 1] for pixels, wider for VAE latents). set_alpha_to_one False: DDIM's last
+    step lands on timestep 0's alpha_bar instead of a clean x0 (Stable Diffusion's schedulers); DDPM and DPM-Solver++
+    always land on x0.
     """
 
     kind: str = "ddim"
@@ -332,6 +336,7 @@ class SamplerConfig:
     eta: float = 0.0  # the stochasticity of the kinds that take it (DDIM; 0: deterministic)
     clip_sample: bool = True
     clip_sample_range: float | None = None  # None: `sample_range` given to build
+    set_alpha_to_one: bool = True
 
     def override(self, **changes) -> "SamplerConfig":
         """A copy with the fields of `changes` that are not None (a pipeline's call options over its config)."""
@@ -364,6 +369,8 @@ class SamplerConfig:
             options["clip_sample_range"] = sample_range if self.clip_sample_range is None else self.clip_sample_range
         if SAMPLERS[self.kind].takes_eta:
             options["eta"] = self.eta
+        if SAMPLERS[self.kind].takes_set_alpha_to_one:
+            options["set_alpha_to_one"] = self.set_alpha_to_one
         sampler = SAMPLERS[self.kind](schedule, **options)
         try:
             sampler.set_timesteps(self.steps)

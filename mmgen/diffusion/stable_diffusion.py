@@ -4,17 +4,22 @@ A diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, sc
 mmgen folder that `mmgen sample text2img` and TextToImagePipeline use unchanged: the UNet in SD's layout
 (unet_interop), the VAE (vae_interop), the CLIP text encoder alone (hf_clip_interop) re-padding its tokens as SD's
 tokenizer pads them, the text states unmasked and no pooled embedding (as SD feeds them), and the scheduler's noise
-schedule (betas, prediction type, zero terminal SNR). The scheduler's inference spacing (timestep_spacing,
-steps_offset) becomes the model's default sampling spacing (config.json), so TextToImagePipeline and `mmgen sample
-text2img` visit the timesteps diffusers' DDIM / DPM-Solver schedulers of that folder visit; the export writes it back.
+schedule (betas, prediction type, zero terminal SNR). The scheduler's inference options (timestep_spacing,
+steps_offset; clip_sample, clip_sample_range and set_alpha_to_one, which SD's folders set false) become the model's
+default sampling (config.json), so TextToImagePipeline and `mmgen sample text2img` visit the timesteps diffusers' DDIM /
+DPM-Solver schedulers of that folder visit and take DDIM's steps as its DDIMScheduler does; the export writes them back.
+A clip_sample true is turned off (with a warning), as StableDiffusionPipeline turns it off when it loads the folder.
 Refused with a UserError naming the part: SDXL (two text encoders, added conditions), ControlNets and other UNet
 classes, a tokenizer whose vocabulary is not CLIP's BPE, a missing component.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import tempfile
+import warnings
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -100,17 +105,22 @@ def noise_schedule_from_scheduler(config: dict) -> NoiseSchedule:
         raise UserError(f"this scheduler's noise schedule cannot be expressed: {error}") from None
 
 
-def spacing_from_scheduler(config: dict) -> tuple[str, int]:
-    """(timestep_spacing, steps_offset) a diffusers scheduler config samples with: its keys, else its class's defaults
-    (DDIM's and PNDM's "leading", DPM-Solver's "linspace"); UserError for a spacing mmgen's samplers lack."""
-    import inspect
-
+def _class_defaults(config: dict) -> dict:
+    """The constructor defaults of the diffusers scheduler class a scheduler config names (DDIMScheduler's when it
+    names none diffusers has)."""
     import diffusers
 
     scheduler_class = getattr(diffusers, str(config.get("_class_name")), None)
-    defaults = inspect.signature(scheduler_class).parameters if inspect.isclass(scheduler_class) else {}
-    default_spacing = defaults["timestep_spacing"].default if "timestep_spacing" in defaults else "leading"
-    spacing = config.get("timestep_spacing", default_spacing)
+    if not (inspect.isclass(scheduler_class) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+        scheduler_class = diffusers.DDIMScheduler
+    parameters = inspect.signature(scheduler_class).parameters.values()
+    return {parameter.name: parameter.default for parameter in parameters if parameter.default is not parameter.empty}
+
+
+def spacing_from_scheduler(config: dict) -> tuple[str, int]:
+    """(timestep_spacing, steps_offset) a diffusers scheduler config samples with: its keys, else its class's defaults
+    (DDIM's and PNDM's "leading", DPM-Solver's "linspace"); UserError for a spacing mmgen's samplers lack."""
+    spacing = config.get("timestep_spacing", _class_defaults(config).get("timestep_spacing", "leading"))
     offset = config.get("steps_offset", 0)
     if spacing not in SPACINGS:
         raise UserError(f"the scheduler's timestep_spacing {spacing!r} is not one mmgen samples with "
@@ -118,6 +128,24 @@ def spacing_from_scheduler(config: dict) -> tuple[str, int]:
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise UserError(f"the scheduler's steps_offset {offset!r} is not an integer >= 0")
     return spacing, offset
+
+
+def x0_options_from_scheduler(config: dict) -> tuple[bool, float, bool]:
+    """(clip_sample, clip_sample_range, set_alpha_to_one) a diffusers scheduler config samples with: its keys, else
+    its class's defaults (DDIM's: True, 1.0, True; PNDM's set_alpha_to_one: False); a class without the option does not
+    clip x0 (PNDM, DPM-Solver, Euler) and ends on the clean sample (DPM-Solver's and Euler's last sigma is 0).
+    UserError for a value of the wrong type."""
+    defaults = _class_defaults(config)
+    clip_sample = config.get("clip_sample", defaults.get("clip_sample", False))
+    clip_sample_range = config.get("clip_sample_range", defaults.get("clip_sample_range", 1.0))
+    set_alpha_to_one = config.get("set_alpha_to_one", defaults.get("set_alpha_to_one", True))
+    for name, value in (("clip_sample", clip_sample), ("set_alpha_to_one", set_alpha_to_one)):
+        if not isinstance(value, bool):
+            raise UserError(f"the scheduler's {name} {value!r} is not true or false")
+    if isinstance(clip_sample_range, bool) or not isinstance(clip_sample_range, (int, float)) or not (
+            math.isfinite(clip_sample_range) and clip_sample_range > 0):
+        raise UserError(f"the scheduler's clip_sample_range {clip_sample_range!r} is not a positive number")
+    return clip_sample, float(clip_sample_range), set_alpha_to_one
 
 
 def _tokenizer_padding(folder: Path, context_length: int) -> int:
@@ -153,6 +181,15 @@ def from_stable_diffusion(folder: str | Path) -> TextToImage:
     scheduler_config = read_json(scheduler_file)
     schedule = noise_schedule_from_scheduler(scheduler_config)
     timestep_spacing, steps_offset = spacing_from_scheduler(scheduler_config)
+    clip_sample, clip_sample_range, set_alpha_to_one = x0_options_from_scheduler(scheduler_config)
+    if clip_sample:  # StableDiffusionPipeline.__init__ rewrites it to false: the folder's own images never clip
+        warnings.warn(f"{scheduler_file} says clip_sample true, which StableDiffusionPipeline turns off (an outdated "
+                      "config, says diffusers); the converted model samples without clipping too", stacklevel=2)
+        clip_sample = False
+    if steps_offset != 1:  # StableDiffusionPipeline.__init__ rewrites it to 1 too (an outdated config, says diffusers)
+        warnings.warn(f"{scheduler_file} says steps_offset {steps_offset}, which StableDiffusionPipeline makes 1; the "
+                      "converted model samples with 1 too", stacklevel=2)
+        steps_offset = 1
     text_encoder = load_hf_clip(folder / "text_encoder")
     pad_token_id = _tokenizer_padding(folder / "tokenizer", text_encoder.config.max_position_embeddings)
     vae = load_diffusers_vae(folder / "vae")
@@ -162,15 +199,17 @@ def from_stable_diffusion(folder: str | Path) -> TextToImage:
         detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{folder}/unet: cannot load it as diffusers' UNet2DConditionModel ({detail})") from None
     return from_diffusers_parts(unet, vae, text_encoder, pad_token_id, schedule, timestep_spacing=timestep_spacing,
-                                steps_offset=steps_offset)
+                                steps_offset=steps_offset, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+                                set_alpha_to_one=set_alpha_to_one)
 
 
 def from_diffusers_parts(unet, vae, text_encoder, pad_token_id: int, schedule: NoiseSchedule, *,
-                         timestep_spacing: str = "trailing", steps_offset: int = 0) -> TextToImage:
+                         timestep_spacing: str = "trailing", steps_offset: int = 0, clip_sample: bool = True,
+                         clip_sample_range: float | None = None, set_alpha_to_one: bool = True) -> TextToImage:
     """An mmgen latent TextToImage (float32, eval mode) from the models of a StableDiffusionPipeline in memory: its
     UNet2DConditionModel, AutoencoderKL, CLIPTextModel, its tokenizer's pad id and the scheduler's noise schedule;
-    `timestep_spacing` and `steps_offset` (spacing_from_scheduler of the scheduler's config) are the model's default
-    sampling spacing."""
+    the keyword options (spacing_from_scheduler and x0_options_from_scheduler of the scheduler's config; mmgen's
+    defaults otherwise) are the model's default sampling."""
     if type(unet).__name__ != "UNet2DConditionModel":
         raise UserError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
     unet_config = unet_config_from_diffusers(unet.config)
@@ -189,6 +228,9 @@ def from_diffusers_parts(unet, vae, text_encoder, pad_token_id: int, schedule: N
         mask_text_padding=False,
         timestep_spacing=timestep_spacing,
         steps_offset=steps_offset,
+        clip_sample=clip_sample,
+        clip_sample_range=clip_sample_range,
+        set_alpha_to_one=set_alpha_to_one,
     )
     model = TextToImage(config)
     model.unet.load_state_dict(unet_state_from_diffusers(unet_config, unet.state_dict()))  # one copy of the UNet
@@ -236,8 +278,10 @@ def export_problems(config: TextToImageConfig) -> list[str]:
 
 def to_stable_diffusion(model: TextToImage, out: str | Path) -> Path:
     """Write `model` as a diffusers StableDiffusionPipeline folder (atomically): UserError naming every part SD's
-    layout cannot express. The scheduler is a DDIMScheduler with the model's default sampling (its timestep spacing
-    and steps_offset, no x0 clipping, final step to x0)."""
+    layout cannot express. The scheduler is a DDIMScheduler with the model's default sampling: its timestep spacing
+    and steps_offset, set_alpha_to_one and clip_sample_range (the model's sample_range when it names none); clip_sample
+    is false, as StableDiffusionPipeline makes every scheduler's (mmgen's own models clip by default: their images
+    from diffusers' DDIM can differ where x0 leaves that range)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -251,11 +295,13 @@ def to_stable_diffusion(model: TextToImage, out: str | Path) -> Path:
     unet.register_to_config(sample_size=model.config.sample_size)
     text_encoder = to_hf_clip(_text_encoder_for_export(model))
     vae = to_diffusers_vae(model.vae)
-    schedule = model.config.schedule
+    schedule, config = model.config.schedule, model.config
+    clip_sample_range = config.clip_sample_range if config.clip_sample_range is not None else model.sample_range
     scheduler = DDIMScheduler(
         num_train_timesteps=schedule.num_train_timesteps, beta_schedule=schedule.beta_schedule,
         beta_start=schedule.beta_start, beta_end=schedule.beta_end, prediction_type=schedule.prediction_type,
-        rescale_betas_zero_snr=schedule.rescale_zero_terminal_snr, clip_sample=False, set_alpha_to_one=True,
+        rescale_betas_zero_snr=schedule.rescale_zero_terminal_snr, clip_sample=False,
+        clip_sample_range=clip_sample_range, set_alpha_to_one=config.set_alpha_to_one,
         # only "leading" reads steps_offset, and it is 1 then (checked above): the value StableDiffusionPipeline sets
         timestep_spacing=model.config.timestep_spacing, steps_offset=1,
     )

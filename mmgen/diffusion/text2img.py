@@ -27,7 +27,7 @@ from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.tokenizer import CLIPTokenizer
 from ..hub import PretrainedMixin
 from .guidance import ConditionalModel
-from .samplers import SPACINGS, TimestepSpacing
+from .samplers import SPACINGS, SamplerConfig, TimestepSpacing
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -46,8 +46,9 @@ class TextToImageConfig:
     end-of-text token from cross-attention; Stable Diffusion attends to all of them (False). text_skip_layers takes the
     text states of an earlier layer (SD's "clip skip"; SD 2's converted text encoder already ends at the penultimate).
 
-    Sampling defaults stored with the model: guidance_scale, and the timesteps' spacing and steps_offset of its
-    default sampler (mmgen's "trailing", 0; a converted Stable Diffusion folder's are its scheduler's).
+    Sampling defaults stored with the model: guidance_scale, and its default sampler's timestep spacing and
+    steps_offset, x0 clipping (clip_sample_range None: the model's sample_range) and DDIM's set_alpha_to_one
+    (mmgen's: "trailing", 0, clipped to sample_range, True; a converted Stable Diffusion folder's are its scheduler's).
     """
 
     image_size: int = 64
@@ -60,6 +61,9 @@ class TextToImageConfig:
     guidance_scale: float | None = None  # the model's default classifier-free guidance for sampling (None: 3.0)
     timestep_spacing: TimestepSpacing = "trailing"
     steps_offset: int = 0
+    clip_sample: bool = True
+    clip_sample_range: float | None = None
+    set_alpha_to_one: bool = True
 
     def __post_init__(self):
         factor = 2 ** (len(self.unet.channel_multipliers) - 1)  # the UNet's downsampling
@@ -90,6 +94,8 @@ class TextToImageConfig:
             raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
             raise ValueError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+        if self.clip_sample_range is not None and not self.clip_sample_range > 0:
+            raise ValueError(f"clip_sample_range must be positive or null, got {self.clip_sample_range}")
         if not 0 <= self.text_skip_layers < self.text_encoder.text.layers:
             raise ValueError(f"text_skip_layers must lie in [0, {self.text_encoder.text.layers}) (the text encoder's "
                              f"layers), got {self.text_skip_layers}")
@@ -108,6 +114,12 @@ class TextToImageConfig:
     def sample_shape(self) -> tuple[int, int, int]:
         """(channels, height, width) of one sample the UNet denoises: an image, or a VAE latent."""
         return (self.unet.in_channels, self.sample_size, self.sample_size)
+
+    def default_sampler(self) -> SamplerConfig:
+        """The sampler this model samples with unless told otherwise: DDIM, 50 steps, its stored sampling options."""
+        return SamplerConfig(spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+                             clip_sample=self.clip_sample, clip_sample_range=self.clip_sample_range,
+                             set_alpha_to_one=self.set_alpha_to_one)
 
 
 def tokenize_prompts(prompts: list[str], context_length: int) -> torch.Tensor:

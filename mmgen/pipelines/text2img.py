@@ -23,9 +23,9 @@ DEFAULT_GUIDANCE_SCALE = 3.0  # for a model whose config names none (folders wri
 
 
 class TextToImagePipeline:
-    """Samples images for prompts from a TextToImage model with `sampler` (default: DDIM, 50 steps, the model's
-    timestep spacing and steps_offset (mmgen's: trailing, 0), x0 clipped to the model's sample range); CLIP guidance
-    uses `clip` (default: its text encoder).
+    """Samples images for prompts from a TextToImage model with `sampler` (default: its config.default_sampler(): DDIM,
+    50 steps, the timestep spacing, x0 clipping and final alpha stored with the model); CLIP guidance uses `clip`
+    (default: its text encoder).
 
     The model samples in the dtype of its weights (`from_pretrained(dtype=torch.bfloat16)`, or `model.to(...)`); the
     sampler's own arithmetic stays float32."""
@@ -33,9 +33,7 @@ class TextToImagePipeline:
     def __init__(self, model: TextToImage, clip: CLIP | None = None, sampler: SamplerConfig | None = None):
         self.model = model
         self.clip = clip if clip is not None else model.text_encoder
-        config = model.config
-        self.sampler = sampler if sampler is not None else SamplerConfig(spacing=config.timestep_spacing,
-                                                                         steps_offset=config.steps_offset)
+        self.sampler = sampler if sampler is not None else model.config.default_sampler()
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, clip_model: str | Path | None = None,

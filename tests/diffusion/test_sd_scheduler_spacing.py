@@ -49,8 +49,7 @@ def test_dpm_solver_images_match_the_folders_own_scheduler(converted):
     folder, model_folder = converted
     theirs = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
     theirs.scheduler = DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler")
-    ours = TextToImagePipeline.from_pretrained(model_folder)
-    ours.sampler = replace(ours.sampler, clip_sample=False)  # SD's schedulers do not clip; the spacing is the model's
+    ours = TextToImagePipeline.from_pretrained(model_folder)  # its default sampler: the folder's spacing, no clipping
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     options = dict(negative_prompt=[NEGATIVE] * 2, num_inference_steps=5, guidance_scale=5.0, output_type="pt")
     expected = theirs(PROMPTS, latents=latents.clone(), **options).images
