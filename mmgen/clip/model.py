@@ -299,9 +299,11 @@ class CLIP(nn.Module, PretrainedMixin):
         return encoding
 
     def logit_scale_exp(self) -> torch.Tensor:
-        """The temperature-inverse multiplying cosine similarities: exp(logit_scale), at most 100."""
-        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """The temperature-inverse multiplying cosine similarities: exp(logit_scale), at most 100 (0-dim)."""
+        # reshape: an accelerate DeepSpeed launch holds 0-dim parameters as (1,) (mmgen.training.deepspeed_state)
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE).reshape(())
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> CLIPOutput:
         """Normalised image and text features with the logit scale (and bias) for a contrastive loss."""
-        return CLIPOutput(self.encode_image(images), self.encode_text(tokens), self.logit_scale_exp(), self.logit_bias)
+        bias = None if self.logit_bias is None else self.logit_bias.reshape(())  # 0-dim, as logit_scale_exp
+        return CLIPOutput(self.encode_image(images), self.encode_text(tokens), self.logit_scale_exp(), bias)

@@ -6,6 +6,10 @@ counterparts write it back. Keyed by parameter index like `optimizer.state_dict(
 `mmgen.training.fsdp.full_optimizer_state`), the state goes into the same optimizer.safetensors + optimizer.json every
 other launch writes, so a checkpoint resumes with or without DeepSpeed. Nothing here uses DeepSpeed's own checkpoints
 (pickles). Written against DeepSpeed 0.19 (two private hooks of its ZeRO optimizers are named where used).
+
+DeepSpeed cannot prepare a 0-dim parameter (CLIP's logit_scale): the engine holds each as a 1-element vector
+(`hold_scalars_as_vectors`), and the checkpoint state here gives it back 0-dim (`declared_shapes`), so the files are
+those of one process.
 """
 
 from __future__ import annotations
@@ -24,6 +28,25 @@ def parameter_groups(optimizer: torch.optim.Optimizer) -> Groups:
     parameters by flat partitions (and, under optimizer offload, the optimizer by DeepSpeedCPUAdam, which adds its own
     names to the same group dicts)."""
     return [(list(group["params"]), [key for key in group if key != "params"]) for group in optimizer.param_groups]
+
+
+def hold_scalars_as_vectors(model: nn.Module) -> set[int]:
+    """Reshape the data of every 0-dim parameter of `model` to (1,) before DeepSpeed builds its engine: DeepSpeed
+    0.19's initial broadcast views each parameter as bytes (`p.data.view(torch.uint8)`), which a 0-dim tensor refuses.
+    Each stays the same Parameter (the optimizer's groups still hold it); the model must read it shape-agnostically
+    (CLIP's `logit_scale_exp()` reshapes to ()). Returns the ids of the parameters held so."""
+    held = set()
+    for parameter in model.parameters():
+        if parameter.dim() == 0:
+            parameter.data = parameter.data.reshape(1)
+            held.add(id(parameter))
+    return held
+
+
+def declared_shapes(state: dict[str, torch.Tensor], module: nn.Module, held: set[int]) -> dict[str, torch.Tensor]:
+    """`state` (a state dict of `module`, by any of its names) with each parameter in `held` back to 0-dim."""
+    scalars = {name for name, parameter in module.named_parameters(remove_duplicate=False) if id(parameter) in held}
+    return {name: value.reshape(()) if name in scalars else value for name, value in state.items()}
 
 
 def _step_count(optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
@@ -50,10 +73,11 @@ def _link_state(zero_optimizer) -> None:
         zero_optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def full_optimizer_state(groups: Groups, zero_optimizer) -> dict:
+def full_optimizer_state(groups: Groups, zero_optimizer, held: set[int] = frozenset()) -> dict:
     """The whole Adam state, index-keyed, on every process (CPU tensors); collective. `zero_optimizer` is
     DeepSpeed's ZeRO optimizer (the engine's `optimizer`), whose own `optimizer` steps the flat partitions: the
-    Trainer's torch AdamW, or DeepSpeedCPUAdam under optimizer offload."""
+    Trainer's torch AdamW, or DeepSpeedCPUAdam under optimizer offload. The moments of the parameters in `held`
+    (`hold_scalars_as_vectors`) are 0-dim, as one process's."""
     from deepspeed.utils import safe_get_full_optimizer_state
 
     stepping = zero_optimizer.optimizer
@@ -66,8 +90,10 @@ def full_optimizer_state(groups: Groups, zero_optimizer) -> dict:
                              "params": list(range(index, index + len(parameters)))})
         for parameter in parameters:
             if step is not None:
-                state[index] = {"step": step.clone(), **{key: safe_get_full_optimizer_state(parameter, key).cpu()
-                                                         for key in MOMENTS}}
+                moments = {key: safe_get_full_optimizer_state(parameter, key).cpu() for key in MOMENTS}
+                if id(parameter) in held:
+                    moments = {key: value.reshape(()) for key, value in moments.items()}
+                state[index] = {"step": step.clone(), **moments}
             index += 1
     return {"state": state, "param_groups": param_groups}
 
@@ -76,8 +102,6 @@ def load_full_optimizer_state(groups: Groups, zero_optimizer, state: dict) -> No
     """Inverse of `full_optimizer_state`, after DeepSpeed has partitioned model and optimizer (every process passes
     the same full state). Adam creates its state at the first step, so it is created here first, zero, for DeepSpeed
     to copy each parameter's slice into."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
     stepping = zero_optimizer.optimizer
     for group, saved in zip(stepping.param_groups, state["param_groups"]):
         group.update({key: tuple(value) if key == "betas" else value for key, value in saved.items()
@@ -97,7 +121,7 @@ def load_full_optimizer_state(groups: Groups, zero_optimizer, state: dict) -> No
         for parameter in parameters:
             for key, value in state["state"].get(index, {}).items():  # a parameter one process never stepped: zero
                 if key in MOMENTS:
-                    safe_set_full_optimizer_state(parameter, value.to(parameter.device), key)
+                    _set_full(parameter, value.to(parameter.device), key)
             index += 1
 
 
@@ -122,8 +146,28 @@ def trained_values(groups: Groups) -> list[torch.Tensor]:
 def load_fp32_weights(groups: Groups, values: list[torch.Tensor]) -> None:
     """Set DeepSpeed's fp32 master weights to `values` (from `trained_values`), after it built them from the
     module's (under bf16 / fp16, rounded) parameters."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     parameters = [parameter for group, _ in groups for parameter in group]
     for parameter, value in zip(parameters, values):
-        safe_set_full_fp32_param(parameter, value.to(parameter.device))
+        _set_full(parameter, value.to(parameter.device))
+
+
+def _set_full(parameter: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+    """`safe_set_full_fp32_param` (key None) / `safe_set_full_optimizer_state`: this process's slice of the full
+    `value` into the fp32 master (or Adam state `key`) of `parameter`. Under ZeRO-3 DeepSpeed 0.19's setter narrows
+    the value past its end on the last process when the parameter's size does not divide by the process count (its
+    partitions are padded; a scalar held as (1,) always is), so the slice is taken here, through ZeRO-3's private
+    `_get_fp32_opt_state_partition` and `_get_param_partition_rank` (no NVMe swapping: no shipped config uses it)."""
+    if not hasattr(parameter, "ds_id"):  # ZeRO 1-2: DeepSpeed's setter addresses each fragment within the parameter
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        if key is None:
+            safe_set_full_fp32_param(parameter, value)
+        else:
+            safe_set_full_optimizer_state(parameter, value, key)
+        return
+    zero_optimizer = parameter._z3_optimizer
+    partition, _ = zero_optimizer._get_fp32_opt_state_partition(parameter, release_swap_buffers=False,
+                                                                optim_state_key=key)
+    start = partition.numel() * zero_optimizer._get_param_partition_rank(parameter)
+    piece = value.flatten()[start:start + partition.numel()]  # shorter, or empty, where the partition is padding
+    partition.data[:piece.numel()].copy_(piece)

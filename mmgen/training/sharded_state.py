@@ -241,7 +241,9 @@ class AcceleratedSharding:
     DEEPSPEED, train.fsdp off): the model gathered by `accelerator.get_state_dict` and the whole AdamW state (under
     FSDP through `full_optimizer_state`, under DeepSpeed through mmgen.training.deepspeed_state) into the same files
     one process writes. DeepSpeed ZeRO-2 / ZeRO-3 are tested on CPU (DeepSpeed's CPU accelerator over gloo,
-    tests/training/test_deepspeed.py); Accelerate's FSDP has no CPU path, so that branch is untested here."""
+    tests/training/test_deepspeed.py); Accelerate's FSDP has no CPU path, so that branch is untested here. Under
+    DeepSpeed, 0-dim parameters are held as (1,) inside the engine and saved / loaded 0-dim
+    (deepspeed_state.hold_scalars_as_vectors)."""
 
     def __init__(self, model: nn.Module, accelerator, config):
         from accelerate.utils import DistributedType
@@ -249,10 +251,6 @@ class AcceleratedSharding:
         self.accelerator = accelerator
         self.deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
         if self.deepspeed:
-            scalars = [name for name, parameter in model.named_parameters() if parameter.dim() == 0]
-            if scalars:  # DeepSpeed 0.19's initial broadcast views each parameter as bytes, which a 0-dim one refuses
-                raise ConfigError(f"an accelerate DeepSpeed launch cannot train this model: DeepSpeed refuses its "
-                                  f"0-dimensional parameters ({', '.join(scalars)}); use train.fsdp.enabled=true")
             if config.grad_accum_steps > 1:  # DeepSpeed steps inside accelerator.backward, and scales the loss again
                 raise ConfigError("train.grad_accum_steps > 1 with an accelerate DeepSpeed launch: not supported "
                                   "(raise train.batch_size, or use train.fsdp.enabled=true)")
@@ -264,6 +262,7 @@ class AcceleratedSharding:
         self.skeleton = meta_skeleton(model)
         self.model = model
         self.parameter_groups = None  # under DeepSpeed: the optimizer's parameters by group, before it flattens them
+        self.held_scalars: set[int] = set()  # under DeepSpeed: the 0-dim parameters the engine holds as (1,)
         self.pending_optimizer_state = None
 
     def make_ema(self, decay: float, warmup: bool):
@@ -278,6 +277,7 @@ class AcceleratedSharding:
             self.parameter_groups = deepspeed_state.parameter_groups(optimizer)
             if self.pending_optimizer_state is not None:  # the checkpoint's fp32 weights, before any cast to bf16
                 resumed_weights = deepspeed_state.trained_values(self.parameter_groups)
+            self.held_scalars = deepspeed_state.hold_scalars_as_vectors(model)
         self.model, prepared_optimizer = accelerator.prepare(model, optimizer)
         if self.pending_optimizer_state is not None and self.deepspeed:
             deepspeed_state.load_fp32_weights(self.parameter_groups, resumed_weights)
@@ -294,7 +294,8 @@ class AcceleratedSharding:
         state = self.accelerator.get_state_dict(self.model)  # on the main process
         if self.deepspeed:
             master = deepspeed_state.full_fp32_weights(self.parameter_groups, self.model.module)
-            state = {**state, **master} if self.accelerator.is_main_process else state
+            if self.accelerator.is_main_process:
+                state = deepspeed_state.declared_shapes({**state, **master}, self.model.module, self.held_scalars)
         return full_model(self.skeleton, {k: v.cpu() for k, v in state.items()}) if self.accelerator.is_main_process \
             else None
 
@@ -309,7 +310,8 @@ class AcceleratedSharding:
         """Write the gathered model and optimizer state into `folder`; collective."""
         model = self.gathered_model()
         if self.deepspeed:
-            optimizer_state = deepspeed_state.full_optimizer_state(self.parameter_groups, self.model.optimizer)
+            optimizer_state = deepspeed_state.full_optimizer_state(self.parameter_groups, self.model.optimizer,
+                                                                   self.held_scalars)
         else:
             optimizer_state = full_optimizer_state(self.model, optimizer)
         if self.accelerator.is_main_process:
