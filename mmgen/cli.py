@@ -81,9 +81,10 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_diffusion_sampling(parser: argparse.ArgumentParser, n_help: str) -> None:
     """The sampler options, --seed, --out and --device of `sample text2img` and `sample variations`."""
     parser.add_argument("--n", type=positive_int, default=4, help=n_help)
-    parser.add_argument("--sampler", choices=_SamplerKinds(), default="ddim", metavar="KIND",
-                        help="%(choices)s (dpm++: DPM-Solver++(2M), good in 20-25 steps; default %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=50)
+    parser.add_argument("--sampler", choices=_SamplerKinds(), metavar="KIND",
+                        help="%(choices)s (dpm++: DPM-Solver++(2M), good in 20-25 steps; default: the model's own, "
+                             "stored by its training run; else ddim)")
+    parser.add_argument("--steps", type=positive_int, help="sampling steps (default: the model's own; else 50)")
     parser.add_argument("--guidance", type=non_negative_float,
                         help="classifier-free guidance (default: the model's own, stored by its training run; else 3)")
     parser.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM noise (0: deterministic)")

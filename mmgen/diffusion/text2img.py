@@ -27,7 +27,7 @@ from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.tokenizer import CLIPTokenizer
 from ..hub import PretrainedMixin
 from .guidance import ConditionalModel
-from .samplers import SPACINGS, SamplerConfig, TimestepSpacing
+from .samplers import SAMPLERS, SPACINGS, SamplerConfig, TimestepSpacing
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -46,8 +46,8 @@ class TextToImageConfig:
     end-of-text token from cross-attention; Stable Diffusion attends to all of them (False). text_skip_layers takes the
     text states of an earlier layer (SD's "clip skip"; SD 2's converted text encoder already ends at the penultimate).
 
-    Sampling defaults stored with the model: guidance_scale, and its default sampler's timestep spacing and
-    steps_offset, x0 clipping (clip_sample_range None: the model's sample_range) and DDIM's set_alpha_to_one
+    Sampling defaults stored with the model: guidance_scale, and its default sampler's kind and steps (sampler,
+    sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's), timestep spacing and steps_offset, x0 clipping (clip_sample_range None: the model's sample_range) and DDIM's set_alpha_to_one
     (mmgen's: "trailing", 0, clipped to sample_range, True; a converted Stable Diffusion folder's are its scheduler's).
     """
 
@@ -64,6 +64,8 @@ class TextToImageConfig:
     clip_sample: bool = True
     clip_sample_range: float | None = None
     set_alpha_to_one: bool = True
+    sampler: str = "ddim"  # the default sampler's kind and steps (a recipe stores those of its evaluation grid)
+    sampling_steps: int = 50
 
     def __post_init__(self):
         factor = 2 ** (len(self.unet.channel_multipliers) - 1)  # the UNet's downsampling
@@ -94,6 +96,10 @@ class TextToImageConfig:
             raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
             raise ValueError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if isinstance(self.sampling_steps, bool) or not isinstance(self.sampling_steps, int) or self.sampling_steps < 1:
+            raise ValueError(f"sampling_steps must be an integer >= 1, got {self.sampling_steps!r}")
         if self.clip_sample_range is not None and not self.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be positive or null, got {self.clip_sample_range}")
         if not 0 <= self.text_skip_layers < self.text_encoder.text.layers:
@@ -116,8 +122,10 @@ class TextToImageConfig:
         return (self.unet.in_channels, self.sample_size, self.sample_size)
 
     def default_sampler(self) -> SamplerConfig:
-        """The sampler this model samples with unless told otherwise: DDIM, 50 steps, its stored sampling options."""
-        return SamplerConfig(spacing=self.timestep_spacing, steps_offset=self.steps_offset,
+        """The sampler this model samples with unless told otherwise: its stored kind and steps (DDIM, 50 unless its
+        recipe stored others) and sampling options."""
+        return SamplerConfig(kind=self.sampler, steps=self.sampling_steps, spacing=self.timestep_spacing,
+                             steps_offset=self.steps_offset,
                              clip_sample=self.clip_sample, clip_sample_range=self.clip_sample_range,
                              set_alpha_to_one=self.set_alpha_to_one)
 

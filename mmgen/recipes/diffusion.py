@@ -22,6 +22,7 @@ from ..clip.preprocess import clip_input
 from ..data.images import make_grid, save_png
 from ..data.robust import collate_captions, robust
 from ..diffusion.objective import CachedLatentLoss, DenoisingLoss, DiffusionLossConfig
+from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.text2img import TextToImage, TextToImageConfig, tokenize_prompts
 from ..diffusion.unet import UNetConfig
@@ -84,10 +85,13 @@ class DiffusionDataConfig:
 
 @dataclass
 class SampleGridConfig:
-    """The grid sampled at each evaluation (DDIM, fixed seed) from the EMA model."""
+    """The grid sampled at each evaluation (fixed seed) from the EMA model. Its sampler, steps and guidance_scale are
+    also stored with the model as its sampling defaults (config.json's sampler, sampling_steps, guidance_scale), which
+    `mmgen sample text2img` and TextToImagePipeline use unless told otherwise."""
 
     prompts: list[str] | None = None  # None: the first `count` distinct captions of data.val (else data.train)
     count: int = 8  # 0: no grid
+    sampler: str = "ddim"  # a kind of mmgen.diffusion.samplers.SAMPLERS
     steps: int = 25
     guidance_scale: float = 3.0  # the grid's, and the model's stored sampling default unless guidance_choices picks
     # at each evaluation, sample the grid prompts at each of these scales and store as the model's default the one
@@ -99,6 +103,8 @@ class SampleGridConfig:
         if self.count < 0 or self.steps < 1 or self.guidance_scale < 0:
             raise ValueError(f"need count >= 0 (0: no grid), steps >= 1 and guidance_scale >= 0, got "
                              f"{self.count}, {self.steps}, {self.guidance_scale}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.guidance_choices is not None and (not self.guidance_choices or min(self.guidance_choices) < 0):
             raise ValueError(f"guidance_choices must be a non-empty list of scales >= 0 or null, "
                              f"got {self.guidance_choices}")
@@ -145,8 +151,8 @@ class SampleGrid:
         if config.guidance_choices:
             metrics = self.choose_guidance(model)
         guidance = model.config.guidance_scale if config.guidance_choices else config.guidance_scale
-        images = TextToImagePipeline(model)(self.prompts, steps=config.steps, guidance_scale=guidance,
-                                            seed=config.seed, progress=False)
+        images = TextToImagePipeline(model)(self.prompts, sampler=config.sampler, steps=config.steps,
+                                            guidance_scale=guidance, seed=config.seed, progress=False)
         path = self.run_dir / "samples" / f"step-{step}.png"
         save_png(make_grid(images), path)
         return {**metrics, "samples/grid": str(path.relative_to(self.run_dir))}
@@ -166,8 +172,9 @@ class SampleGrid:
         answers = torch.tensor([distinct.index(prompt) for prompt in self.prompts], device=device)
         metrics, best = {}, None
         for scale in sorted(config.guidance_choices):
-            images = TextToImagePipeline(model)(self.prompts, steps=config.steps, guidance_scale=scale,
-                                                seed=config.seed, progress=False, output_type="pt")
+            images = TextToImagePipeline(model)(self.prompts, sampler=config.sampler, steps=config.steps,
+                                                guidance_scale=scale, seed=config.seed, progress=False,
+                                                output_type="pt")
             embeddings = clip.encode_image(clip_input(images.to(device), clip.config.vision.image_size))
             accuracy = ((embeddings @ text.T).argmax(dim=1) == answers).float().mean().item()
             metrics[f"samples/clip_prompt_accuracy@{scale:g}"] = accuracy
@@ -263,8 +270,8 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
     prompts = grid_prompts(recipe.samples, val_set or train_set) if run.state.is_main_process else []
 
     section = recipe.model
-    model = run.build_model(lambda: with_guidance(TextToImage.from_text_encoder(
-        clip, section.image_size, section.unet, section.schedule, vae), recipe.samples.guidance_scale), TextToImage)
+    model = run.build_model(lambda: with_sampling_defaults(TextToImage.from_text_encoder(
+        clip, section.image_size, section.unet, section.schedule, vae), recipe.samples), TextToImage)
     describe(model, run.state)
     evaluate = SampleGrid(run.folder.path, prompts, recipe.samples)
     if recipe.data.latent_cache is not None:
@@ -305,9 +312,11 @@ def latent_caches(run: RecipeRun, model: TextToImage, train_set, val_set) -> tup
     return tuple(caches)
 
 
-def with_guidance(model: TextToImage, guidance_scale: float) -> TextToImage:
-    """`model` with `guidance_scale` as its stored sampling default (until an evaluation chooses another)."""
-    model.config.guidance_scale = guidance_scale
+def with_sampling_defaults(model: TextToImage, samples: SampleGridConfig) -> TextToImage:
+    """`model` with the grid's sampler, steps and guidance scale as its stored sampling defaults (the guidance scale
+    until an evaluation chooses another)."""
+    model.config.sampler, model.config.sampling_steps = samples.sampler, samples.steps
+    model.config.guidance_scale = samples.guidance_scale
     return model
 
 

@@ -37,8 +37,10 @@ def heldout_prompts(count: int) -> list[str]:
 
 
 def quickstart(out_dir, *, clip_overrides=(), diffusion_overrides=(), prompts: int = 6,
-               images_per_prompt: int = 4, sampling_steps: int = 25, guidance_scale: float = 3.0) -> dict:
-    """Run the four steps into `out_dir` (a new folder); returns the summary it prints."""
+               images_per_prompt: int = 4, sampling_steps: int | None = None,
+               guidance_scale: float | None = None) -> dict:
+    """Run the four steps into `out_dir` (a new folder); returns the summary it prints. The held-out grid is sampled
+    with the text-to-image model's stored defaults (its preset's sampler, steps and guidance) unless given."""
     from . import clip, diffusion
     from .clip_eval import evaluate
     from .common import load_recipe_config

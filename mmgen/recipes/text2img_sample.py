@@ -28,8 +28,10 @@ def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_pro
             checkpoint, clip_model=clip_model, device=device, adapter=adapter, dtype=DTYPES[dtype]))
         images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
         entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
+        used = pipeline.sampler.override(kind=options.get("sampler"), steps=options.get("steps"))
         record = {"checkpoint": str(checkpoint), "adapter": adapter and str(adapter),
-                  "num_images_per_prompt": num_images_per_prompt, "dtype": dtype, **options}
+                  "num_images_per_prompt": num_images_per_prompt, "dtype": dtype, **options,
+                  "sampler": used.kind, "steps": used.steps}  # the model's stored defaults where none was given
         names = write_samples(staging, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
     return [out_dir / name for name in names]
 
