@@ -39,6 +39,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "bench" / "results"
 DPO_CONFIG = REPOSITORY / "configs" / "finetune-diffusion-shapes-dpo.yaml"
 COLUMNS = ("shape+colour", "shape", "colour", "size", "position")
+LOGGED = ("reward_accuracy", "reward_margin", "winner_error", "loser_error", "winner_error_ratio", "loser_error_ratio")
 
 
 def tiny_base(folder: Path) -> Path:
@@ -55,6 +56,12 @@ def tiny_base(folder: Path) -> Path:
     model = TextToImage.from_text_encoder(clip, 16, unet, NoiseSchedule(num_train_timesteps=100))
     model.save_pretrained(folder)
     return folder
+
+
+def last_logged(records: list[dict], step: int, key: str) -> float | None:
+    """The last value of `key` logged at or before `step` (None at step 0 or if never logged)."""
+    logged = [r[key] for r in records if r["step"] <= step and key in r]
+    return logged[-1] if logged and step else None
 
 
 def fidelity(model, attributes: list[dict], setting: dict, judge, batch_size: int, seed: int) -> dict:
@@ -86,10 +93,12 @@ def run(args: argparse.Namespace) -> dict:
     training_seconds = round(time.perf_counter() - start, 1)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    # fidelity of the base (step 0), then of each checkpoint's adapter and of final/
+    # fidelity of the base (step 0), then of each checkpoint's adapter and of final/ (unless a checkpoint has its step)
     folder = RunFolder(run_dir)
     stages = [(0, None), *folder.checkpoints()]
-    stages.append((max(r["step"] for r in records), folder.final))
+    last_step = max(r["step"] for r in records)
+    if stages[-1][0] != last_step:
+        stages.append((last_step, folder.final))
     rows = []
     for step, adapter in stages:
         model = load_as(base, TextToImage)
@@ -97,16 +106,29 @@ def run(args: argparse.Namespace) -> dict:
             load_adapter(model, adapter)
         started = time.perf_counter()
         figures = fidelity(model.eval(), attributes, setting, judge, args.batch_size, args.seed)
-        logged = [r for r in records if r["step"] <= step and "dpo/reward_accuracy" in r]
         rows.append({"dpo_steps": step, "fidelity": figures, "seconds": round(time.perf_counter() - started, 1),
-                     "train_reward_accuracy": logged[-1]["dpo/reward_accuracy"] if logged and step else None,
-                     "train_reward_margin": logged[-1]["dpo/reward_margin"] if logged and step else None})
+                     **{f"train_{key}": last_logged(records, step, f"dpo/{key}") for key in LOGGED},
+                     "val_loss": next((r["val/loss"] for r in records if r["step"] == step and "val/loss" in r), None)})
         print(f"step {step}: shape+colour {figures['shape+colour']:.3f}", file=sys.stderr)
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "machine": machine(),
             "threads": args.threads, "base": str(base), "tiny": args.tiny, "setting": setting,
             "held_out_prompts": len(attributes), "judge": {"image_size": judge.config.image_size,
                                                            "report": judge.report},
             "training_seconds": training_seconds, "rows": rows, "work": str(work)}
+
+
+def table(results: dict) -> str:
+    """The results as a text table: fidelity per DPO step, training reward accuracy, the policy's winner and loser
+    errors as multiples of the reference's (both above 1 is the failure mode), held-out DPO loss."""
+    logged = {"reward_accuracy": "reward acc", "winner_error_ratio": "winner err x", "loser_error_ratio": "loser err x",
+              "val_loss": "val loss"}
+    lines = [f"{'DPO steps':>10}" + "".join(f"{name:>14}" for name in COLUMNS)
+             + "".join(f"{label:>14}" for label in logged.values())]
+    for row in results["rows"]:
+        values = [row[name if name == "val_loss" else f"train_{name}"] for name in logged]
+        lines.append(f"{row['dpo_steps']:>10}" + "".join(f"{row['fidelity'][name]:>14.3f}" for name in COLUMNS)
+                     + "".join(f"{'':>14}" if value is None else f"{value:>14.3f}" for value in values))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -133,11 +155,7 @@ def main() -> None:
         args.override = ["train.checkpoint_every=2", *args.override]
     args.prompts = args.prompts or 64
     results = run(args)
-    print(f"{'DPO steps':>10}" + "".join(f"{name:>14}" for name in COLUMNS) + f"{'reward acc':>12}")
-    for row in results["rows"]:
-        accuracy = row["train_reward_accuracy"]
-        print(f"{row['dpo_steps']:>10}" + "".join(f"{row['fidelity'][name]:>14.3f}" for name in COLUMNS)
-              + (f"{accuracy:>12.3f}" if accuracy is not None else f"{'':>12}"))
+    print(table(results))
     out = args.out or RESULTS / ("diffusion_dpo_tiny.json" if args.tiny else "diffusion_dpo.json")
     atomic_write_text(out, json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")

@@ -53,6 +53,33 @@ def test_loss_is_the_written_out_formula():
     assert metrics["dpo/reward_margin"].item() == pytest.approx(3.0 * sum(logits) / 4, rel=1e-5)
 
 
+def test_sft_term_is_the_written_out_formula():
+    generator = torch.Generator().manual_seed(2)
+    policy, reference = torch.rand(10, generator=generator), torch.rand(10, generator=generator)
+    loss, metrics = diffusion_dpo_loss(policy, reference, beta=4.0, sft_weight=0.7)
+    p, r = policy.double().tolist(), reference.double().tolist()
+    logits = [(r[i] - r[i + 5]) - (p[i] - p[i + 5]) for i in range(5)]
+    dpo = sum(math.log(1 + math.exp(-4.0 * value)) for value in logits) / 5
+    sft = sum(p[i] - r[i] for i in range(5)) / 5
+    assert loss.item() == pytest.approx(dpo + 0.7 * sft, rel=1e-6)
+    assert metrics["dpo/sft"].item() == pytest.approx(sft, rel=1e-6)
+    assert metrics["dpo/winner_error_ratio"].item() == pytest.approx(sum(p[:5]) / sum(r[:5]), rel=1e-6)
+    assert metrics["dpo/loser_error_ratio"].item() == pytest.approx(sum(p[5:]) / sum(r[5:]), rel=1e-6)
+    without, _ = diffusion_dpo_loss(policy, reference, beta=4.0)
+    assert without.item() == pytest.approx(dpo, rel=1e-6) and abs(sft) > 1e-2  # the term counts
+
+
+def test_sft_term_pulls_the_winners_error_down():
+    policy = torch.rand(6, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    reference = torch.rand(6, generator=torch.Generator().manual_seed(1))
+    plain, _ = diffusion_dpo_loss(policy, reference, beta=2.0)
+    with_sft, _ = diffusion_dpo_loss(policy, reference, beta=2.0, sft_weight=3.0)
+    plain_grad, = torch.autograd.grad(plain, policy)
+    sft_grad, = torch.autograd.grad(with_sft, policy)
+    torch.testing.assert_close(sft_grad[:3] - plain_grad[:3], torch.full((3,), 3.0 / 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sft_grad[3:], plain_grad[3:], atol=0, rtol=0)  # the losers' gradient is unchanged
+
+
 def test_gradient_lowers_the_winners_error_and_raises_the_losers():
     policy = torch.rand(6, generator=torch.Generator().manual_seed(0)).requires_grad_()
     loss, _ = diffusion_dpo_loss(policy, torch.rand(6, generator=torch.Generator().manual_seed(1)), beta=2.0)
@@ -60,12 +87,12 @@ def test_gradient_lowers_the_winners_error_and_raises_the_losers():
     assert (policy.grad[:3] > 0).all() and (policy.grad[3:] < 0).all()  # descent: winners' errors fall, losers' rise
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_loss_is_log_2_at_the_start(method):
+@pytest.mark.parametrize("method,sft_weight", [("lora", 0.0), ("full", 0.0), ("lora", 1000.0)])
+def test_loss_is_log_2_at_the_start(method, sft_weight):
     model = tiny_text2img()
     if method == "lora":
         add_lora(model, LORA)  # B = 0: the adapted model computes what the base does
-    objective = DiffusionDPOLoss(model, DiffusionDPOConfig(beta=2500.0))
+    objective = DiffusionDPOLoss(model, DiffusionDPOConfig(beta=2500.0, sft_weight=sft_weight))
     loss, metrics = objective(model.train(), pair_batch())
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert metrics["dpo/reward_margin"].item() == 0
@@ -178,6 +205,7 @@ def test_objective_dpo_runs_and_logs_reward_accuracy_and_margin(tmp_path, dpo_co
     ("data.train=./pictures", "objective dpo builds its pairs from shapes data"),
     ("objective=ppo", "'objective' must be one of 'denoising' | 'dpo'"),
     ("dpo.beta=-1", "beta must be positive"),
+    ("dpo.sft_weight=-0.5", "sft_weight must be zero or positive"),
 ])
 def test_bad_dpo_configs_are_one_line_errors(tmp_path, dpo_config, capsys, override, fragment):
     (tmp_path / "pictures").mkdir()
@@ -190,5 +218,6 @@ def test_the_shipped_config_validates():
     config = Path(__file__).resolve().parents[2] / "configs" / "finetune-diffusion-shapes-dpo.yaml"
     recipe = from_dict(DiffusionFinetuneRecipe, load_yaml(config))
     assert (recipe.objective, recipe.method, recipe.base) == ("dpo", "lora", "runs/diffusion-shapes")
+    assert recipe.dpo.sft_weight > 0  # plain Diffusion-DPO degrades this model (docs/preference-tuning.md)
     train_set, val_set = preference_datasets(recipe.data, 32, recipe.train.seed)
     assert len(train_set) == 20000 and val_set.shapes.split == "val"
