@@ -68,7 +68,9 @@ def test_default_ddim_matches_the_folders_ddim_scheduler(converted, monkeypatch)
     expected = theirs(PROMPTS, negative_prompt=[NEGATIVE] * 2, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                       latents=latents.clone(), output_type="latent").images
     ours = TextToImagePipeline.from_pretrained(model_folder)
-    torch.testing.assert_close(mmgen_latents(ours, latents, monkeypatch), expected, atol=1e-5, rtol=0)
+    # a whole pipeline (random weights, latents up to |20|): 1e-4, the bar for whole models (one thread gives 0.0,
+    # two threads 3e-5 from another summation order)
+    torch.testing.assert_close(mmgen_latents(ours, latents, monkeypatch), expected, atol=1e-4, rtol=0)
     assert expected.abs().max() > ours.model.sample_range  # the old default (clip at the sample range) would clip
     # controls: ignoring either key moves the result well past the tolerance
     for ignored in (dict(set_alpha_to_one=True), dict(clip_sample=True, clip_sample_range=None)):
