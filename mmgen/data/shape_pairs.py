@@ -5,8 +5,9 @@ Item i of a ShapesDataset gives the caption (always complete: "a small red circl
 a render of it. The loser is the same layout with one thing wrong: another colour or another shape (a seeded coin
 flip), drawn from the split's own shape x colour pairs, so training on "train" pairs never renders a held-out
 pair. A held-out pair whose split offers neither (no other held-out colour of its shape, no other held-out shape of
-its colour) takes its loser from every colour or shape: only the few "val" pairs can need this. Winner and loser are rendered from the same seeded generator: background, jitter, size, rotation, place in the
-cell and pixel noise are identical, and the pair differs only in what the caption names.
+its colour) takes its loser from every colour or shape: only the few "val" pairs can need this. Winner and loser are
+rendered from the same seeded generator: background, jitter, size, rotation, place in the cell and pixel noise are
+identical, and the pair differs only in what the caption names.
 """
 
 from __future__ import annotations

@@ -47,8 +47,9 @@ class TextToImageConfig:
     text states of an earlier layer (SD's "clip skip"; SD 2's converted text encoder already ends at the penultimate).
 
     Sampling defaults stored with the model: guidance_scale, and its default sampler's kind and steps (sampler,
-    sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's), timestep spacing and steps_offset, x0 clipping (clip_sample_range None: the model's sample_range) and DDIM's set_alpha_to_one
-    (mmgen's: "trailing", 0, clipped to sample_range, True; a converted Stable Diffusion folder's are its scheduler's).
+    sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's), timestep spacing and steps_offset, x0
+    clipping (clip_sample_range None: the model's sample_range) and DDIM's set_alpha_to_one (mmgen's: "trailing", 0,
+    clipped to sample_range, True; a converted Stable Diffusion folder's are its scheduler's).
     """
 
     image_size: int = 64
@@ -125,9 +126,8 @@ class TextToImageConfig:
         """The sampler this model samples with unless told otherwise: its stored kind and steps (DDIM, 50 unless its
         recipe stored others) and sampling options."""
         return SamplerConfig(kind=self.sampler, steps=self.sampling_steps, spacing=self.timestep_spacing,
-                             steps_offset=self.steps_offset,
-                             clip_sample=self.clip_sample, clip_sample_range=self.clip_sample_range,
-                             set_alpha_to_one=self.set_alpha_to_one)
+                             steps_offset=self.steps_offset, clip_sample=self.clip_sample,
+                             clip_sample_range=self.clip_sample_range, set_alpha_to_one=self.set_alpha_to_one)
 
 
 def tokenize_prompts(prompts: list[str], context_length: int) -> torch.Tensor:
