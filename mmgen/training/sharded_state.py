@@ -278,6 +278,8 @@ class AcceleratedSharding:
             if self.pending_optimizer_state is not None:  # the checkpoint's fp32 weights, before any cast to bf16
                 resumed_weights = deepspeed_state.trained_values(self.parameter_groups)
             self.held_scalars = deepspeed_state.hold_scalars_as_vectors(model)
+        else:
+            keep_wrapped_classes_present(accelerator.state.fsdp_plugin, model)
         self.model, prepared_optimizer = accelerator.prepare(model, optimizer)
         if self.pending_optimizer_state is not None and self.deepspeed:
             deepspeed_state.load_fp32_weights(self.parameter_groups, resumed_weights)
@@ -334,3 +336,20 @@ def sharding_for(model: nn.Module, config, accelerator):
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         return AcceleratedSharding(model, accelerator, config)
     return None
+
+
+def keep_wrapped_classes_present(plugin, model: nn.Module) -> None:
+    """An accelerate FSDP config names the block classes to wrap (configs/accelerate/fsdp2-*.yaml: TransformerBlock,
+    UNetStage), and Accelerate refuses a name the model lacks, so one file could not serve a GPT and a UNet: keep the
+    names this model has; none of them is a config error."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    if plugin is None or plugin.auto_wrap_policy is not transformer_auto_wrap_policy or not names:
+        return
+    present = {type(module).__name__ for module in model.modules()}
+    kept = [name for name in names if name in present]
+    if not kept:
+        raise ConfigError(f"fsdp_transformer_layer_cls_to_wrap names {', '.join(names)}, none of which is in the "
+                          f"{type(model).__name__}; name its blocks (e.g. TransformerBlock) in the accelerate config")
+    plugin.transformer_cls_names_to_wrap = kept

@@ -55,3 +55,43 @@ def test_the_wrapped_class_names_exist():
     from mmgen.training.fsdp import sharded_block_types
 
     assert {"TransformerBlock", "UNetStage"} <= {cls.__name__ for cls in sharded_block_types()}
+
+
+@pytest.mark.parametrize("name", ["fsdp2-zero2.yaml", "fsdp2-zero3.yaml"])
+@pytest.mark.parametrize("case", ["gpt", "clip", "unet"])
+def test_one_fsdp_config_wraps_every_model(name, case):
+    """Accelerate refuses a wrapped class name the model lacks (a GPT has no UNetStage: seen on an H100); mmgen keeps
+    the names the model has, so Accelerate's own auto-wrap policy accepts the shipped file for each family."""
+    from accelerate.utils import FullyShardedDataParallelPlugin, prepare_multi_gpu_env
+
+    from mmgen.training.sharded_state import keep_wrapped_classes_present
+    from tests.training.fsdp_cases import _clip, _gpt, _unet
+
+    model = {"gpt": _gpt, "clip": _clip, "unet": _unet}[case]()[0]
+    args, _ = launch_arguments(name)
+    with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):
+        plugin = FullyShardedDataParallelPlugin()
+    if case != "unet":
+        with pytest.raises(ValueError, match="UNetStage"):  # Accelerate alone
+            FullyShardedDataParallelPlugin.set_auto_wrap_policy(plugin, model)
+        with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):
+            plugin = FullyShardedDataParallelPlugin()
+    keep_wrapped_classes_present(plugin, model)
+    plugin.set_auto_wrap_policy(model)
+    wrapped = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    assert {cls.__name__ for cls in wrapped} == ({"TransformerBlock", "UNetStage"} if case == "unet"
+                                                 else {"TransformerBlock"})
+
+
+def test_a_config_naming_no_class_of_the_model_is_one_clear_error():
+    from accelerate.utils import FullyShardedDataParallelPlugin, prepare_multi_gpu_env
+
+    from mmgen.errors import ConfigError
+    from mmgen.training.sharded_state import keep_wrapped_classes_present
+    from tests.training.fsdp_cases import _gpt
+
+    args, _ = launch_arguments("fsdp2-zero3.yaml")
+    with mock.patch.dict(os.environ, prepare_multi_gpu_env(args)):
+        plugin = FullyShardedDataParallelPlugin(transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    with pytest.raises(ConfigError, match="LlamaDecoderLayer, none of which is in the GPT"):
+        keep_wrapped_classes_present(plugin, _gpt()[0])
