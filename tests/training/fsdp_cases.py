@@ -81,13 +81,13 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 def train(case: str, run_dir: Path, processes: int = 1, fsdp: dict | None = None, resume: bool = False,
-          ema_decay: float = 0.0, seed: int = 3) -> Trainer:
+          ema_decay: float = 0.0, seed: int = 3, compile: bool = False) -> Trainer:
     """Train `case` to STEPS steps with the global batch split over `processes`; fsdp: train.fsdp's keys."""
     torch.manual_seed(seed)
     model, loss_fn, data = BUILDERS[case]()
     config = TrainConfig(batch_size=GLOBAL_BATCH // processes, max_steps=STEPS, lr=1e-3, min_lr=1e-4,
                          warmup_steps=1, eval_every=0, log_every=1, checkpoint_every=2, keep_checkpoints=2,
-                         ema_decay=ema_decay, seed=seed, tensorboard=False, progress=False,
+                         ema_decay=ema_decay, seed=seed, tensorboard=False, progress=False, compile=compile,
                          fsdp=FSDPConfig(**(fsdp or {})))
     trainer = Trainer(model, config, run_dir, loss_fn=loss_fn, train_dataset=data)
     trainer.fit(resume=resume)
