@@ -42,3 +42,27 @@ def accelerator_options() -> dict:
 
         return {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     return {"cpu": cpu_only_launch()}
+
+
+# the multi-device type Accelerate's PartialState gives each kind of device (accelerate.state.PartialState)
+_MULTI_DEVICE_TYPES = {"cuda": "MULTI_GPU", "npu": "MULTI_NPU", "xpu": "MULTI_XPU", "mlu": "MULTI_MLU",
+                       "musa": "MULTI_MUSA", "sdaa": "MULTI_SDAA", "hpu": "MULTI_HPU", "neuron": "MULTI_NEURON",
+                       "cpu": "MULTI_CPU"}
+
+
+def reset_accelerator_state() -> None:
+    """Forget an earlier Accelerator of this process (its precision, plugins), keeping the process group.
+
+    Accelerate writes the type its Accelerator chose back into the process-wide PartialState; with FSDP written there,
+    the next Accelerator of the process no longer reads the FSDP plugin (it does only over a multi-device type) and
+    fails at prepare (seen on an H100: a second Trainer under an accelerate FSDP launch, e.g. --resume in the same
+    process). The launch's multi-device type is put back."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    shared = PartialState._shared_state
+    if shared.get("distributed_type") == DistributedType.FSDP:
+        device = shared.get("device")
+        name = _MULTI_DEVICE_TYPES.get(device.type if device is not None else "cuda", "MULTI_GPU")
+        shared["distributed_type"] = getattr(DistributedType, name, DistributedType.MULTI_GPU)

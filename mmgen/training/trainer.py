@@ -28,7 +28,7 @@ from .checkpointing import Checkpoints
 from .ema import ExponentialMovingAverage
 from .fsdp import FSDPConfig
 from .interrupts import DeferredStop, Interrupted
-from .launch import accelerator_options, process_state_options
+from .launch import accelerator_options, process_state_options, reset_accelerator_state
 from .metrics import MetricsLogger
 from .optim import learning_rate, make_optimizer
 from .sharded_state import sharding_for
@@ -172,10 +172,7 @@ class Trainer(Checkpoints):
         self.save_fn = save_fn
         self.load_fn = load_fn
         self.tokens_per_sample = tokens_per_sample
-        from accelerate.state import AcceleratorState
-
-        # one Trainer is one run: forget an earlier run's precision in this process (the process group stays)
-        AcceleratorState._reset_state(reset_partial_state=False)
+        reset_accelerator_state()  # one Trainer is one run: forget an earlier run's Accelerator in this process
         try:
             self.accelerator = Accelerator(mixed_precision=config.mixed_precision, **accelerator_options(),
                                            **compile_options(config.compile))

@@ -41,3 +41,28 @@ def test_with_cuda_nothing_changes(monkeypatch):
     for name, value in {**LAUNCH, "ACCELERATE_USE_DEEPSPEED": "true"}.items():
         monkeypatch.setenv(name, value)
     assert launch.accelerator_options() == {"cpu": False}
+
+
+def test_a_second_accelerator_after_fsdp_sees_the_launch_type_again():
+    """Accelerate leaves FSDP in the process-wide PartialState after an FSDP Accelerator; the next Trainer's
+    Accelerator would then skip its FSDP plugin (seen on an H100). The reset puts the multi-device type back."""
+    import torch
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    from mmgen.training.launch import reset_accelerator_state
+
+    PartialState()
+    shared = PartialState._shared_state
+    saved = dict(shared)
+    try:
+        for device, expected in (("cuda", DistributedType.MULTI_GPU), ("cpu", DistributedType.MULTI_CPU)):
+            shared.update(distributed_type=DistributedType.FSDP, device=torch.device(device))
+            reset_accelerator_state()
+            assert shared["distributed_type"] == expected
+        shared.update(distributed_type=DistributedType.NO)
+        reset_accelerator_state()
+        assert shared["distributed_type"] == DistributedType.NO  # anything else is left alone
+    finally:
+        shared.clear()
+        shared.update(saved)
