@@ -208,6 +208,13 @@ class Trainer(Checkpoints):
         try:
             with DeferredStop() as self.stop:
                 return self._fit(resume)
+        except Exception as error:
+            if self.config.compile and type(error).__name__ == "BackendCompilerFailed":  # torch._dynamo.exc's
+                cause = error.inner_exception if getattr(error, "inner_exception", None) is not None else error
+                detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+                raise ConfigError(f"train.compile=true: torch.compile failed ({detail}); "
+                                  "train without it (train.compile=false)") from None
+            raise
         finally:
             if accelerator.is_main_process:
                 self.run.unlock()

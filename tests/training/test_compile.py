@@ -26,3 +26,22 @@ def test_compiled_training_equals_eager(tmp_path):
 def test_compile_with_mmgen_fsdp_is_refused():
     with pytest.raises(ValueError, match="compile is not supported with fsdp.enabled"):
         TrainConfig(compile=True, fsdp=FSDPConfig(enabled=True))
+
+
+def test_a_failing_compiler_is_one_line(tmp_path, monkeypatch):
+    """No C++ compiler, an Inductor bug: one ConfigError line naming train.compile, not a traceback wall."""
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
+    from mmgen.errors import ConfigError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler found\nmore lines")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", broken)
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match=r"^train.compile=true: torch.compile failed \(no working C\+\+ "
+                                          r"compiler found\); train without it"):
+        train("gpt", tmp_path / "run", compile=True)
+    assert not (tmp_path / "run" / "final").exists()
+    torch._dynamo.reset()  # forget the failed frames for later tests
