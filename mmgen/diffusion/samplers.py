@@ -12,6 +12,7 @@ check it), except for two diffusers quirks that are deliberately not copied:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, ClassVar, Literal
 
@@ -66,6 +67,7 @@ class Sampler:
 
     takes_eta: ClassVar[bool] = False  # whether SamplerConfig.eta (stochasticity) means something to this kind
     takes_set_alpha_to_one: ClassVar[bool] = False  # whether SamplerConfig.set_alpha_to_one does (DDIM)
+    takes_use_clipped_model_output: ClassVar[bool] = False  # and SamplerConfig.use_clipped_model_output (DDIM)
 
     def __init__(
         self,
@@ -189,6 +191,7 @@ class DDIMSampler(Sampler):
 
     takes_eta = True
     takes_set_alpha_to_one = True
+    takes_use_clipped_model_output = True
 
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, set_alpha_to_one: bool = True,
                  use_clipped_model_output: bool = True, **options):
@@ -327,6 +330,11 @@ class SamplerConfig:
     default the model's sample range ([-1, 1] for pixels, wider for VAE latents). set_alpha_to_one False: DDIM's last
     step lands on timestep 0's alpha_bar instead of a clean x0 (Stable Diffusion's schedulers); DDPM and DPM-Solver++
     always land on x0.
+
+    thresholding: Imagen's dynamic thresholding of x0 (`dynamic_threshold`, with dynamic_thresholding_ratio and
+    sample_max_value) instead of clipping; with clip_sample also on, thresholding wins, as in diffusers' schedulers.
+    use_clipped_model_output (DDIM's): epsilon recomputed from the clipped or thresholded x0 (mmgen's default); False
+    keeps the network's epsilon, as StableDiffusionPipeline steps diffusers' DDIMScheduler.
     """
 
     kind: str = "ddim"
@@ -337,6 +345,10 @@ class SamplerConfig:
     clip_sample: bool = True
     clip_sample_range: float | None = None  # None: `sample_range` given to build
     set_alpha_to_one: bool = True
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    use_clipped_model_output: bool = True
 
     def override(self, **changes) -> "SamplerConfig":
         """A copy with the fields of `changes` that are not None (a pipeline's call options over its config)."""
@@ -359,18 +371,28 @@ class SamplerConfig:
             raise UserError(f"steps_offset must not be negative, got {self.steps_offset}")
         if self.clip_sample_range is not None and self.clip_sample_range <= 0:
             raise UserError(f"clip_sample_range must be positive, got {self.clip_sample_range}")
+        if not 0 < self.dynamic_thresholding_ratio <= 1:
+            raise UserError(f"dynamic_thresholding_ratio must lie in (0, 1], got {self.dynamic_thresholding_ratio}")
+        if not (math.isfinite(self.sample_max_value) and self.sample_max_value >= 1):
+            raise UserError(f"sample_max_value must be a finite number >= 1, got {self.sample_max_value}")
 
     def build(self, schedule: NoiseSchedule, sample_range: float = 1.0, label: str = "") -> Sampler:
-        """The checked sampler for `schedule`, with its timesteps set; x0 is clipped to clip_sample_range, else to
-        `sample_range`."""
+        """The checked sampler for `schedule`, with its timesteps set; x0 is thresholded, else clipped to
+        clip_sample_range, else to `sample_range`."""
         self.check(schedule.num_train_timesteps, label)
-        options = dict(clip_sample=self.clip_sample, timestep_spacing=self.spacing, steps_offset=self.steps_offset)
-        if self.clip_sample:
+        clip_sample = self.clip_sample and not self.thresholding  # thresholding wins, as in diffusers' step
+        options = dict(clip_sample=clip_sample, timestep_spacing=self.spacing, steps_offset=self.steps_offset)
+        if clip_sample:
             options["clip_sample_range"] = sample_range if self.clip_sample_range is None else self.clip_sample_range
+        if self.thresholding:
+            options.update(thresholding=True, dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+                           sample_max_value=self.sample_max_value)
         if SAMPLERS[self.kind].takes_eta:
             options["eta"] = self.eta
         if SAMPLERS[self.kind].takes_set_alpha_to_one:
             options["set_alpha_to_one"] = self.set_alpha_to_one
+        if SAMPLERS[self.kind].takes_use_clipped_model_output:
+            options["use_clipped_model_output"] = self.use_clipped_model_output
         sampler = SAMPLERS[self.kind](schedule, **options)
         try:
             sampler.set_timesteps(self.steps)

@@ -5,9 +5,11 @@ mmgen folder that `mmgen sample text2img` and TextToImagePipeline use unchanged:
 (unet_interop), the VAE (vae_interop), the CLIP text encoder alone (hf_clip_interop) re-padding its tokens as SD's
 tokenizer pads them, the text states unmasked and no pooled embedding (as SD feeds them), and the scheduler's noise
 schedule (betas, prediction type, zero terminal SNR). The scheduler's inference options (timestep_spacing,
-steps_offset; clip_sample, clip_sample_range and set_alpha_to_one, which SD's folders set false) become the model's
-default sampling (config.json), so TextToImagePipeline and `mmgen sample text2img` visit the timesteps diffusers' DDIM /
-DPM-Solver schedulers of that folder visit and take DDIM's steps as its DDIMScheduler does; the export writes them back.
+steps_offset; clip_sample, clip_sample_range and set_alpha_to_one, which SD's folders set false; Imagen's dynamic
+thresholding: thresholding, dynamic_thresholding_ratio, sample_max_value) become the model's default sampling
+(config.json), so TextToImagePipeline and `mmgen sample text2img` visit the timesteps diffusers' DDIM / DPM-Solver
+schedulers of that folder visit and process x0 and take DDIM's steps as StableDiffusionPipeline steps its DDIMScheduler
+(the network's epsilon kept: use_clipped_model_output false); the export writes them back.
 A clip_sample true is turned off (with a warning), as StableDiffusionPipeline turns it off when it loads the folder.
 Refused with a UserError naming the part: SDXL (two text encoders, added conditions), ControlNets and other UNet
 classes, a tokenizer whose vocabulary is not CLIP's BPE, a missing component.
@@ -148,6 +150,27 @@ def x0_options_from_scheduler(config: dict) -> tuple[bool, float, bool]:
     return clip_sample, float(clip_sample_range), set_alpha_to_one
 
 
+def thresholding_from_scheduler(config: dict) -> tuple[bool, float, float]:
+    """(thresholding, dynamic_thresholding_ratio, sample_max_value) a diffusers scheduler config samples with: its keys,
+    else its class's defaults (DDIM's, DDPM's, DPM-Solver's: False, 0.995, 1.0); a class without the option (PNDM,
+    Euler) does not threshold. With thresholding false the other two mean nothing and are not read (the defaults).
+    UserError for a value of the wrong type or out of range."""
+    defaults = _class_defaults(config)
+    thresholding = config.get("thresholding", defaults.get("thresholding", False))
+    if not isinstance(thresholding, bool):
+        raise UserError(f"the scheduler's thresholding {thresholding!r} is not true or false")
+    if not thresholding:
+        return False, 0.995, 1.0
+    ratio = config.get("dynamic_thresholding_ratio", defaults.get("dynamic_thresholding_ratio", 0.995))
+    max_value = config.get("sample_max_value", defaults.get("sample_max_value", 1.0))
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise UserError(f"the scheduler's dynamic_thresholding_ratio {ratio!r} is not a number in (0, 1]")
+    if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) or not (
+            math.isfinite(max_value) and max_value >= 1):
+        raise UserError(f"the scheduler's sample_max_value {max_value!r} is not a finite number >= 1")
+    return True, float(ratio), float(max_value)
+
+
 def _tokenizer_padding(folder: Path, context_length: int) -> int:
     """The id SD's tokenizer pads with, after checking its vocabulary is CLIP's BPE and its length the encoder's."""
     import transformers
@@ -182,6 +205,7 @@ def from_stable_diffusion(folder: str | Path) -> TextToImage:
     schedule = noise_schedule_from_scheduler(scheduler_config)
     timestep_spacing, steps_offset = spacing_from_scheduler(scheduler_config)
     clip_sample, clip_sample_range, set_alpha_to_one = x0_options_from_scheduler(scheduler_config)
+    thresholding, dynamic_thresholding_ratio, sample_max_value = thresholding_from_scheduler(scheduler_config)
     if clip_sample:  # StableDiffusionPipeline.__init__ rewrites it to false: the folder's own images never clip
         warnings.warn(f"{scheduler_file} says clip_sample true, which StableDiffusionPipeline turns off (an outdated "
                       "config, says diffusers); the converted model samples without clipping too", stacklevel=2)
@@ -200,16 +224,21 @@ def from_stable_diffusion(folder: str | Path) -> TextToImage:
         raise CheckpointError(f"{folder}/unet: cannot load it as diffusers' UNet2DConditionModel ({detail})") from None
     return from_diffusers_parts(unet, vae, text_encoder, pad_token_id, schedule, timestep_spacing=timestep_spacing,
                                 steps_offset=steps_offset, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-                                set_alpha_to_one=set_alpha_to_one)
+                                set_alpha_to_one=set_alpha_to_one, thresholding=thresholding,
+                                dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                                sample_max_value=sample_max_value, use_clipped_model_output=False)
 
 
 def from_diffusers_parts(unet, vae, text_encoder, pad_token_id: int, schedule: NoiseSchedule, *,
                          timestep_spacing: str = "trailing", steps_offset: int = 0, clip_sample: bool = True,
-                         clip_sample_range: float | None = None, set_alpha_to_one: bool = True) -> TextToImage:
+                         clip_sample_range: float | None = None, set_alpha_to_one: bool = True,
+                         thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                         sample_max_value: float = 1.0, use_clipped_model_output: bool = True) -> TextToImage:
     """An mmgen latent TextToImage (float32, eval mode) from the models of a StableDiffusionPipeline in memory: its
     UNet2DConditionModel, AutoencoderKL, CLIPTextModel, its tokenizer's pad id and the scheduler's noise schedule;
-    the keyword options (spacing_from_scheduler and x0_options_from_scheduler of the scheduler's config; mmgen's
-    defaults otherwise) are the model's default sampling."""
+    the keyword options (spacing_from_scheduler, x0_options_from_scheduler and thresholding_from_scheduler of the
+    scheduler's config, use_clipped_model_output false as StableDiffusionPipeline steps DDIM; mmgen's defaults
+    otherwise) are the model's default sampling."""
     if type(unet).__name__ != "UNet2DConditionModel":
         raise UserError(f"expected a diffusers UNet2DConditionModel, got {type(unet).__name__}")
     unet_config = unet_config_from_diffusers(unet.config)
@@ -231,6 +260,10 @@ def from_diffusers_parts(unet, vae, text_encoder, pad_token_id: int, schedule: N
         clip_sample=clip_sample,
         clip_sample_range=clip_sample_range,
         set_alpha_to_one=set_alpha_to_one,
+        thresholding=thresholding,
+        dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        sample_max_value=sample_max_value,
+        use_clipped_model_output=use_clipped_model_output,
     )
     model = TextToImage(config)
     model.unet.load_state_dict(unet_state_from_diffusers(unet_config, unet.state_dict()))  # one copy of the UNet
@@ -279,9 +312,11 @@ def export_problems(config: TextToImageConfig) -> list[str]:
 def to_stable_diffusion(model: TextToImage, out: str | Path) -> Path:
     """Write `model` as a diffusers StableDiffusionPipeline folder (atomically): UserError naming every part SD's
     layout cannot express. The scheduler is a DDIMScheduler with the model's default sampling: its timestep spacing
-    and steps_offset, set_alpha_to_one and clip_sample_range (the model's sample_range when it names none); clip_sample
-    is false, as StableDiffusionPipeline makes every scheduler's (mmgen's own models clip by default: their images
-    from diffusers' DDIM can differ where x0 leaves that range)."""
+    and steps_offset, set_alpha_to_one, clip_sample_range (the model's sample_range when it names none) and dynamic
+    thresholding; clip_sample is false, as StableDiffusionPipeline makes every scheduler's (mmgen's own models clip by
+    default: their images from diffusers' DDIM can differ where x0 leaves that range), and StableDiffusionPipeline's
+    DDIM keeps the network's epsilon (a model whose use_clipped_model_output is true and that thresholds gives other
+    images there)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
@@ -302,6 +337,8 @@ def to_stable_diffusion(model: TextToImage, out: str | Path) -> Path:
         beta_start=schedule.beta_start, beta_end=schedule.beta_end, prediction_type=schedule.prediction_type,
         rescale_betas_zero_snr=schedule.rescale_zero_terminal_snr, clip_sample=False,
         clip_sample_range=clip_sample_range, set_alpha_to_one=config.set_alpha_to_one,
+        thresholding=config.thresholding, dynamic_thresholding_ratio=config.dynamic_thresholding_ratio,
+        sample_max_value=config.sample_max_value,
         # only "leading" reads steps_offset, and it is 1 then (checked above): the value StableDiffusionPipeline sets
         timestep_spacing=model.config.timestep_spacing, steps_offset=1,
     )

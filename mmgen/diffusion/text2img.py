@@ -48,8 +48,11 @@ class TextToImageConfig:
 
     Sampling defaults stored with the model: guidance_scale, and its default sampler's kind and steps (sampler,
     sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's), timestep spacing and steps_offset, x0
-    clipping (clip_sample_range None: the model's sample_range) and DDIM's set_alpha_to_one (mmgen's: "trailing", 0,
-    clipped to sample_range, True; a converted Stable Diffusion folder's are its scheduler's).
+    clipping (clip_sample_range None: the model's sample_range) or dynamic thresholding (thresholding,
+    dynamic_thresholding_ratio, sample_max_value: it wins over clipping), DDIM's set_alpha_to_one and
+    use_clipped_model_output (mmgen's: "trailing", 0, clipped to sample_range, True, True; a converted Stable Diffusion
+    folder's are its scheduler's, and DDIM keeps the network's epsilon as StableDiffusionPipeline does). See
+    SamplerConfig.
     """
 
     image_size: int = 64
@@ -65,6 +68,10 @@ class TextToImageConfig:
     clip_sample: bool = True
     clip_sample_range: float | None = None
     set_alpha_to_one: bool = True
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    use_clipped_model_output: bool = True
     sampler: str = "ddim"  # the default sampler's kind and steps (a recipe stores those of its evaluation grid)
     sampling_steps: int = 50
 
@@ -103,6 +110,10 @@ class TextToImageConfig:
             raise ValueError(f"sampling_steps must be an integer >= 1, got {self.sampling_steps!r}")
         if self.clip_sample_range is not None and not self.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be positive or null, got {self.clip_sample_range}")
+        if not 0 < self.dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must lie in (0, 1], got {self.dynamic_thresholding_ratio}")
+        if not (math.isfinite(self.sample_max_value) and self.sample_max_value >= 1):
+            raise ValueError(f"sample_max_value must be a finite number >= 1, got {self.sample_max_value}")
         if not 0 <= self.text_skip_layers < self.text_encoder.text.layers:
             raise ValueError(f"text_skip_layers must lie in [0, {self.text_encoder.text.layers}) (the text encoder's "
                              f"layers), got {self.text_skip_layers}")
@@ -127,7 +138,10 @@ class TextToImageConfig:
         recipe stored others) and sampling options."""
         return SamplerConfig(kind=self.sampler, steps=self.sampling_steps, spacing=self.timestep_spacing,
                              steps_offset=self.steps_offset, clip_sample=self.clip_sample,
-                             clip_sample_range=self.clip_sample_range, set_alpha_to_one=self.set_alpha_to_one)
+                             clip_sample_range=self.clip_sample_range, set_alpha_to_one=self.set_alpha_to_one,
+                             thresholding=self.thresholding, dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+                             sample_max_value=self.sample_max_value,
+                             use_clipped_model_output=self.use_clipped_model_output)
 
 
 def tokenize_prompts(prompts: list[str], context_length: int) -> torch.Tensor:
