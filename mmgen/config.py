@@ -162,6 +162,9 @@ def _convert(annotation, value, key: str, finite: bool = True):
                 errors.append(error)
         raise errors[0]
     if origin is Literal:
+        if isinstance(value, bool) and bool not in map(type, args):  # YAML 1.1 reads no / off as false, yes / on as true
+            spelled = [word for word in (("no", "off", "false") if not value else ("yes", "on", "true")) if word in args]
+            value = spelled[0] if spelled else value
         if value not in args:
             raise ConfigError(f"config key {key!r} must be one of {_type_name(annotation)}, got {value!r}")
         return value

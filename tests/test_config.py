@@ -118,3 +118,14 @@ def test_floats_must_be_finite_unless_the_field_says_otherwise():
                       ({"inner": {"pair": [0.9, float("nan")]}}, "inner.pair[1]")):
         with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}' must be a finite number"):
             from_dict(Bounds if "inner" not in data else Outer, data)
+
+
+def test_yaml_no_is_the_string_no_where_the_choices_are_words(tmp_path):
+    """YAML 1.1 reads `no` as false: `train.mixed_precision=no` (and `mixed_precision: no` in a file) mean "no"."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert from_dict(LMRecipe, load_yaml(path)).train.mixed_precision == "no"
+    data = apply_overrides({"train": {"mixed_precision": "bf16"}}, ["train.mixed_precision=no"])
+    assert from_dict(LMRecipe, data).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'inner.kind' must be one of 'a' | 'b', got False"):
+        from_dict(Outer, {"inner": {"kind": False}})  # no word for false among the choices: still an error
