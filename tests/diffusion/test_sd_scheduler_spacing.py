@@ -14,7 +14,7 @@ from mmgen import cli
 from mmgen.diffusion.stable_diffusion import spacing_from_scheduler, to_stable_diffusion
 from mmgen.errors import CheckpointError, ConfigError, UserError
 from mmgen.pipelines.text2img import TextToImagePipeline
-from tests.diffusion.helpers import tiny_text2img
+from tests.diffusion.helpers import older_folder, tiny_text2img
 from tests.diffusion.test_stable_diffusion import NEGATIVE, PROMPTS, write_sd_folder
 
 SCHEDULERS = {"ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
@@ -64,16 +64,8 @@ def test_mmgen_models_and_older_folders_keep_trailing(converted, tmp_path):
     model = tiny_text2img()
     assert (model.config.timestep_spacing, model.config.steps_offset) == ("trailing", 0)
     assert TextToImagePipeline(model).sampler.spacing == "trailing"
-    meta = json.loads((model_folder / "config.json").read_text())
     old = tmp_path / "old"
-    old.mkdir()
-    (old / "model.safetensors").symlink_to(model_folder / "model.safetensors")
-
-    def write_config(**changes):
-        config = {key: value for key, value in meta["config"].items()
-                  if key not in ("timestep_spacing", "steps_offset")}
-        (old / "config.json").write_text(json.dumps({**meta, "config": {**config, **changes}}))
-
+    write_config = older_folder(model_folder, old, ("timestep_spacing", "steps_offset"))
     write_config()  # a folder written before the keys existed
     pipeline = TextToImagePipeline.from_pretrained(old)
     assert (pipeline.sampler.spacing, pipeline.sampler.steps_offset) == ("trailing", 0)

@@ -18,6 +18,7 @@ from mmgen.diffusion.schedule import NoiseSchedule
 from mmgen.diffusion.stable_diffusion import from_stable_diffusion, thresholding_from_scheduler, to_stable_diffusion
 from mmgen.errors import CheckpointError, ConfigError, UserError
 from mmgen.pipelines.text2img import TextToImagePipeline
+from tests.diffusion.helpers import older_folder
 from tests.diffusion.test_sd_scheduler_final_step import GUIDANCE, STEPS, mmgen_latents
 from tests.diffusion.test_stable_diffusion import NEGATIVE, PROMPTS, write_sd_folder
 from tests.test_cli import one_line_error
@@ -140,16 +141,8 @@ def test_sampler_config_takes_the_keys():
 
 def test_older_model_folders_load_without_the_keys(converted, tmp_path):
     _, model_folder = converted
-    meta = json.loads((model_folder / "config.json").read_text())
     old = tmp_path / "old"
-    old.mkdir()
-    (old / "model.safetensors").symlink_to(model_folder / "model.safetensors")
-
-    def write_config(**changes):
-        config = {key: value for key, value in meta["config"].items()
-                  if key not in KEYS + ("use_clipped_model_output",)}
-        (old / "config.json").write_text(json.dumps({**meta, "config": {**config, **changes}}))
-
+    write_config = older_folder(model_folder, old, KEYS + ("use_clipped_model_output",))
     write_config()  # a folder written before the keys existed
     sampler = TextToImagePipeline.from_pretrained(old).sampler
     assert (sampler.thresholding, sampler.dynamic_thresholding_ratio, sampler.sample_max_value,
