@@ -344,8 +344,10 @@ def keep_wrapped_classes_present(plugin, model: nn.Module) -> None:
     names this model has; none of them is a config error."""
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
-    if plugin is None or plugin.auto_wrap_policy is not transformer_auto_wrap_policy or not names:
+    if plugin is None or plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+        return
+    names = plugin.transformer_cls_names_to_wrap
+    if not names:
         return
     present = {type(module).__name__ for module in model.modules()}
     kept = [name for name in names if name in present]

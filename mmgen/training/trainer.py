@@ -210,7 +210,7 @@ class Trainer(Checkpoints):
                 return self._fit(resume)
         except Exception as error:
             if self.config.compile and type(error).__name__ == "BackendCompilerFailed":  # torch._dynamo.exc's
-                cause = error.inner_exception if getattr(error, "inner_exception", None) is not None else error
+                cause = getattr(error, "inner_exception", None) or error
                 detail = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
                 raise ConfigError(f"train.compile=true: torch.compile failed ({detail}); "
                                   "train without it (train.compile=false)") from None
