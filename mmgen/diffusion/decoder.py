@@ -14,6 +14,7 @@ folder (its image tower makes the embeddings of training images and of the input
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.preprocess import clip_input
 from ..hub import PretrainedMixin
 from .guidance import ConditionalModel
+from .samplers import SAMPLERS, SamplerConfig
 from .schedule import NoiseSchedule
 from .text2img import empty_prompt_tokens
 from .unet import UNet, UNetConfig
@@ -44,9 +46,14 @@ class DecoderConfig:
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     embedding_tokens: int = 4  # extra context tokens projected from the image embedding
     text_conditioning: bool = True  # also cross-attend to the caption's CLIP token states
+    # sampling defaults stored with the model (a recipe stores its evaluation grid's): the decoder's classifier-free
+    # guidance (None: 3.0) and its default sampler's kind and steps (x0 clipped to [-1, 1], trailing spacing)
+    guidance_scale: float | None = None
+    sampler: str = "ddim"
+    sampling_steps: int = 50
 
     def __post_init__(self):
-        factor = 2 ** (len(self.unet.channel_multipliers) - 1)
+        factor = self.unet.downsampling
         if self.image_size < 1 or self.image_size % factor:
             raise ValueError(f"image_size must be a positive multiple of {factor} (the UNet's downsampling), "
                              f"got {self.image_size}")
@@ -55,6 +62,12 @@ class DecoderConfig:
                              f"({self.unet.in_channels}): the UNet predicts noise shaped like the image")
         if self.embedding_tokens < 1:
             raise ValueError(f"embedding_tokens must be positive, got {self.embedding_tokens}")
+        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a finite number >= 0 or null, got {self.guidance_scale}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if isinstance(self.sampling_steps, bool) or not isinstance(self.sampling_steps, int) or self.sampling_steps < 1:
+            raise ValueError(f"sampling_steps must be an integer >= 1, got {self.sampling_steps!r}")
         expected = {"context_dim": self.clip.text.width, "pooled_dim": self.clip.embed_dim}
         for name, value in expected.items():
             if getattr(self.unet, name) != value:
@@ -64,6 +77,11 @@ class DecoderConfig:
     def channels(self) -> int:
         """Image channels (3 for RGB)."""
         return self.unet.in_channels
+
+    def default_sampler(self) -> SamplerConfig:
+        """The sampler this decoder samples with unless told otherwise: its stored kind and steps (DDIM, 50 unless its
+        recipe stored others), x0 clipped to [-1, 1]."""
+        return SamplerConfig(kind=self.sampler, steps=self.sampling_steps)
 
 
 class DecoderCondition(NamedTuple):

@@ -76,7 +76,7 @@ class TextToImageConfig:
     sampling_steps: int = 50
 
     def __post_init__(self):
-        factor = 2 ** (len(self.unet.channel_multipliers) - 1)  # the UNet's downsampling
+        factor = self.unet.downsampling  # the UNet's downsampling (its patch size times 2 per level)
         if self.vae is None:
             if self.image_size < 1 or self.image_size % factor:
                 raise ValueError(f"image_size must be a positive multiple of {factor} (the UNet's downsampling), "

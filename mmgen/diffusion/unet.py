@@ -32,6 +32,10 @@ class UNetConfig:
     transformer_depth: blocks per spatial transformer, per level (the middle block takes the last level's);
     mlp ("geglu"), attention_qkv_bias (False), upcast_attention (SD 2.1: True), attention_norm_eps (1e-6, as here).
     norm_eps: the GroupNorm eps of the residual blocks and the output norm (1e-5, as here).
+
+    patch_size p > 1 folds each p x p patch of the input into channels before the first convolution (pixel unshuffle)
+    and unfolds the output the same way (Hoogeboom et al. 2023, "simple diffusion"): every level runs at 1/p of the
+    input's height and width, as a latent UNet on a VAE of factor p would, with no VAE to train.
     """
 
     in_channels: int = 3
@@ -55,6 +59,7 @@ class UNetConfig:
     upcast_attention: bool = False
     norm_eps: float = 1e-5
     attention_norm_eps: float = 1e-6
+    patch_size: int = 1
 
     def __post_init__(self):
         self.channel_multipliers = tuple(self.channel_multipliers)
@@ -73,7 +78,8 @@ class UNetConfig:
         for name in ("norm_eps", "attention_norm_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("in_channels", "out_channels", "base_channels", "blocks_per_level", "num_heads", "groups"):
+        for name in ("in_channels", "out_channels", "base_channels", "blocks_per_level", "num_heads", "groups",
+                     "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("context_dim", "pooled_dim"):
@@ -112,6 +118,12 @@ class UNetConfig:
     def depth_at(self, level: int) -> int:
         """The number of transformer blocks of the spatial transformers at `level` (the middle block: the last)."""
         return self.transformer_depth[level] if self.transformer_depth is not None else 1
+
+    @property
+    def downsampling(self) -> int:
+        """What the input's height and width must be multiples of: the patch size times 2 per level after the
+        first."""
+        return self.patch_size * 2 ** (len(self.channel_multipliers) - 1)
 
     @property
     def embedding_dim(self) -> int:
@@ -155,7 +167,8 @@ class UNet(nn.Module, PretrainedMixin):
         embedding_dim = config.embedding_dim
         self.time_embedding = TimestepEmbedding(config.base_channels, embedding_dim)
         self.pooled_proj = nn.Linear(config.pooled_dim, embedding_dim) if config.pooled_dim is not None else None
-        self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
+        patch_area = config.patch_size ** 2
+        self.conv_in = nn.Conv2d(config.in_channels * patch_area, config.base_channels, 3, padding=1)
 
         widths = [config.base_channels * multiplier for multiplier in config.channel_multipliers]
         channels = config.base_channels
@@ -185,7 +198,7 @@ class UNet(nn.Module, PretrainedMixin):
             self.up_levels.append(UNetLevel(stages, Upsample(channels) if level > 0 else None))
 
         self.norm_out = nn.GroupNorm(config.groups, channels, eps=config.norm_eps)
-        self.conv_out = nn.Conv2d(channels, config.out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(channels, config.out_channels * patch_area, 3, padding=1)
         # a fresh model predicts zero: the common start for diffusion training
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -245,6 +258,8 @@ class UNet(nn.Module, PretrainedMixin):
             embedding = embedding + self.pooled_proj(pooled)
         conditioning = (embedding, context, context_padding_mask)
 
+        if self.config.patch_size > 1:
+            x = F.pixel_unshuffle(x, self.config.patch_size)
         h = self.conv_in(x)
         skips = [h]
         for level in self.down_levels:
@@ -262,13 +277,14 @@ class UNet(nn.Module, PretrainedMixin):
                 h = self._run(stage, h, *conditioning)
             if level.resample is not None:
                 h = level.resample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.config.patch_size) if self.config.patch_size > 1 else out
 
     def _check_inputs(self, x: torch.Tensor, context: torch.Tensor | None, pooled: torch.Tensor | None) -> None:
         config = self.config
         if x.ndim != 4 or x.shape[1] != config.in_channels:
             raise ValueError(f"expected x of shape (batch, {config.in_channels}, height, width), got {tuple(x.shape)}")
-        factor = 2 ** (len(config.channel_multipliers) - 1)
+        factor = config.downsampling
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"height and width must be multiples of {factor}, got {x.shape[2]}x{x.shape[3]}")
         if context is not None and config.context_dim is None:

@@ -142,6 +142,8 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict:
         problems.append("q/k/v projections with a bias (needs attention_qkv_bias: false)")
     if config.attention_norm_eps != 1e-6:
         problems.append(f"attention GroupNorm eps {config.attention_norm_eps} (needs 1e-6)")
+    if config.patch_size != 1:
+        problems.append(f"patch size {config.patch_size} (needs patch_size: 1)")
     if problems:
         raise UserError("this UNet cannot be expressed as diffusers' UNet2DConditionModel: " + "; ".join(problems))
     levels = range(len(config.channel_multipliers))

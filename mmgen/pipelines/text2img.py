@@ -140,7 +140,7 @@ class TextToImagePipeline:
         image_size): the image itself, or its VAE latent, smaller by the VAE's downsampling factor."""
         config = self.model.config
         vae_factor = config.vae.downsampling_factor if config.vae is not None else 1
-        multiple = vae_factor * 2 ** (len(config.unet.channel_multipliers) - 1)  # the UNet downsamples each level
+        multiple = vae_factor * config.unet.downsampling  # the UNet's patch size times 2 per level
         sizes = []
         for name, size in (("height", height), ("width", width)):
             size = config.image_size if size is None else size

@@ -27,6 +27,12 @@ PRIOR_SAMPLER = SamplerConfig(steps=64, clip_sample=False)
 DEFAULT_DECODER_GUIDANCE = 3.0  # the decoder's classifier-free guidance when none is given
 
 
+def default_decoder_guidance(decoder: UnCLIPDecoder) -> float:
+    """The decoder's stored guidance scale (config.json's guidance_scale), else DEFAULT_DECODER_GUIDANCE."""
+    stored = decoder.config.guidance_scale
+    return DEFAULT_DECODER_GUIDANCE if stored is None else stored
+
+
 def _sampler_for(model: DiffusionPrior | UnCLIPDecoder, config: SamplerConfig, guidance_scale: float,
                  stage: str = "") -> Sampler:
     """The model's sampler of `config`, after one UserError line for options it cannot take (`stage` prefixes the
@@ -88,11 +94,12 @@ class PriorPipeline:
 
 class DecoderPipeline:
     """Samples images from CLIP image embeddings (and prompts, for a text-conditioned decoder) with a decoder and
-    `sampler` (default: DDIM, 50 steps, trailing spacing, x0 clipped to [-1, 1])."""
+    `sampler` (default: the decoder's stored one, config.default_sampler(): DDIM, 50 steps, trailing spacing, x0
+    clipped to [-1, 1], unless its recipe stored another kind and steps)."""
 
     def __init__(self, decoder: UnCLIPDecoder, sampler: SamplerConfig | None = None):
         self.decoder = decoder
-        self.sampler = sampler if sampler is not None else SamplerConfig()
+        self.sampler = sampler if sampler is not None else decoder.config.default_sampler()
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "DecoderPipeline":
@@ -105,9 +112,9 @@ class DecoderPipeline:
                  eta: float | None = None, seed: int = 0, progress: bool = True) -> list[Image.Image]:
         """One image per embedding (batch, embed_dim); `prompts` (one per embedding) are used only by a decoder with
         text conditioning (default: the empty prompt). `sampler` (a kind), `steps` and `eta` override the
-        pipeline's sampler config when given."""
+        pipeline's sampler config when given; `guidance_scale` None: the decoder's stored default (else 3.0)."""
         decoder, config = self.decoder, self.decoder.config
-        guidance_scale = DEFAULT_DECODER_GUIDANCE if guidance_scale is None else guidance_scale
+        guidance_scale = default_decoder_guidance(decoder) if guidance_scale is None else guidance_scale
         chosen = _sampler_for(decoder, self.sampler.override(kind=sampler, steps=steps, eta=eta), guidance_scale)
         if image_embeddings.ndim != 2 or image_embeddings.shape[1] != decoder.embed_dim:
             raise UserError(f"the decoder reads CLIP image embeddings of width {decoder.embed_dim}, "
@@ -182,7 +189,7 @@ class UnCLIPPipeline:
             raise UserError(f"the number of images per prompt must be >= 1, got {num_images_per_prompt}")
         decoder = self.decoder  # its options are checked before the prior samples
         _sampler_for(decoder.decoder, decoder.sampler.override(kind=sampler, steps=steps, eta=eta),
-                     DEFAULT_DECODER_GUIDANCE if guidance_scale is None else guidance_scale)
+                     default_decoder_guidance(decoder.decoder) if guidance_scale is None else guidance_scale)
         batch = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
         embeddings = self.prior(batch, steps=prior_steps, guidance_scale=prior_guidance_scale, seed=seed,
                                 progress=progress)

@@ -26,7 +26,7 @@ from ..pipelines.unclip import DecoderPipeline
 from ..training import TrainConfig
 from ..training.trainer import process_state
 from .common import RecipeRun
-from .diffusion import CaptionTokens, DiffusionDataConfig, SampleGridConfig
+from .diffusion import CaptionTokens, DiffusionDataConfig, SampleGridConfig, with_sampling_defaults
 from .unclip import evaluation_pairs, load_clip
 
 
@@ -58,11 +58,18 @@ class DecoderRecipe:
             raise ValueError(f"samples.steps ({self.samples.steps}) exceeds the {timesteps} training timesteps")
         if self.samples.prompts is not None:
             raise ValueError("samples.prompts is not used by the decoder: it decodes held-out images' embeddings")
+        if self.samples.guidance_choices is not None and len(self.samples.guidance_choices) != len(
+                set(self.samples.guidance_choices)):
+            raise ValueError(f"samples.guidance_choices repeats a scale: {self.samples.guidance_choices}")
 
 
 class ReconstructionGrid:
     """The Trainer's evaluate_fn: (main process) decode the fixed held-out images' embeddings and save originals +
-    decodings as RUN_DIR/samples/step-N.png."""
+    decodings as RUN_DIR/samples/step-N.png, with the grid's sampler, steps and guidance (the model's stored ones).
+
+    With samples.guidance_choices, the embeddings are first decoded at each scale; the scale whose decodings' CLIP
+    image embeddings lie closest (mean cosine) to the embeddings they were decoded from becomes the model's stored
+    guidance_scale, and each scale's cosine is logged as samples/clip_cosine@G."""
 
     def __init__(self, run_dir: Path, images: torch.Tensor, captions: list[str], config: SampleGridConfig):
         self.run_dir, self.images, self.captions, self.config = run_dir, images, captions, config
@@ -70,13 +77,34 @@ class ReconstructionGrid:
     def __call__(self, model: UnCLIPDecoder, step: int) -> dict:
         if not self.captions or not process_state().is_main_process:
             return {}
-        config, device = self.config, next(model.parameters()).device
+        config, device, metrics = self.config, next(model.parameters()).device, {}
         embeddings = model.encode_image(self.images.to(device))
-        decoded = DecoderPipeline(model)(embeddings, self.captions, steps=config.steps,
-                                         guidance_scale=config.guidance_scale, seed=config.seed, progress=False)
+        if config.guidance_choices:
+            metrics = self.choose_guidance(model, embeddings)
+        decoded = self.decode(model, embeddings, model.config.guidance_scale)
         path = self.run_dir / "samples" / f"step-{step}.png"
         save_png(make_grid(to_pil_images(self.images) + decoded, columns=len(decoded)), path)
-        return {"samples/grid": str(path.relative_to(self.run_dir))}
+        return {**metrics, "samples/grid": str(path.relative_to(self.run_dir))}
+
+    def decode(self, model: UnCLIPDecoder, embeddings: torch.Tensor, guidance_scale: float) -> list:
+        config = self.config
+        return DecoderPipeline(model)(embeddings, self.captions, sampler=config.sampler, steps=config.steps,
+                                      guidance_scale=guidance_scale, seed=config.seed, progress=False)
+
+    @torch.no_grad()
+    def choose_guidance(self, model: UnCLIPDecoder, embeddings: torch.Tensor) -> dict:
+        """Decode at each of guidance_choices; the scale with the highest mean cosine between the decodings' CLIP
+        embeddings and `embeddings` (ties: the smallest) becomes model.config.guidance_scale."""
+        metrics, best = {}, None
+        for scale in sorted(self.config.guidance_choices):
+            decoded = DecoderPipeline(model).image_embeddings(self.decode(model, embeddings, scale))
+            cosine = (decoded * embeddings).sum(dim=1).mean().item()
+            metrics[f"samples/clip_cosine@{scale:g}"] = cosine
+            if best is None or cosine > best[1]:
+                best = (scale, cosine)
+        model.config.guidance_scale = best[0]
+        metrics["samples/guidance_scale"] = best[0]
+        return metrics
 
 
 def new_model(section: DecoderModelSection) -> UnCLIPDecoder:
@@ -98,7 +126,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False)
     run = RecipeRun.open(DecoderRecipe, config_path, overrides, run_dir, resume)
     recipe = run.recipe
     # a checkpoint holds the CLIP: resuming does not need the CLIP folder
-    model = run.build_model(lambda: new_model(recipe.model), UnCLIPDecoder)
+    model = run.build_model(lambda: with_sampling_defaults(new_model(recipe.model), recipe.samples), UnCLIPDecoder)
     train_set, val_set = run.caption_datasets(model.config.image_size, "minus_one_to_one", recipe.data.shapes_options())
     images, captions = evaluation_pairs(run, train_set, val_set, recipe.samples.count)
 

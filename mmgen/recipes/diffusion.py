@@ -312,8 +312,8 @@ def latent_caches(run: RecipeRun, model: TextToImage, train_set, val_set) -> tup
     return tuple(caches)
 
 
-def with_sampling_defaults(model: TextToImage, samples: SampleGridConfig) -> TextToImage:
-    """`model` with the grid's sampler, steps and guidance scale as its stored sampling defaults (the guidance scale
+def with_sampling_defaults(model, samples: SampleGridConfig):
+    """`model` (a TextToImage or an UnCLIPDecoder) with the grid's sampler, steps and guidance scale as its stored sampling defaults (the guidance scale
     until an evaluation chooses another)."""
     model.config.sampler, model.config.sampling_steps = samples.sampler, samples.steps
     model.config.guidance_scale = samples.guidance_scale
