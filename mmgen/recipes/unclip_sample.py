@@ -8,7 +8,7 @@ from pathlib import Path
 from ..data.images import load_rgb
 from ..errors import UserError
 from ..hub import read_model_config, resolve_model_folder
-from ..pipelines.unclip import DecoderPipeline, UnCLIPPipeline
+from ..pipelines.unclip import DecoderPipeline, UnCLIPPipeline, default_decoder_guidance
 from ..run_folder import new_output_folder
 from .clip_eval import image_files
 from .text2img_sample import check_out_dir, on_device, write_samples
@@ -17,6 +17,15 @@ from .text2img_sample import check_out_dir, on_device, write_samples
 def model_type(checkpoint) -> str:
     """The model_type of the model in a run or model folder (a CheckpointError when there is none)."""
     return read_model_config(resolve_model_folder(checkpoint))["model_type"]
+
+
+def decoder_defaults_used(pipeline: DecoderPipeline, options: dict) -> dict:
+    """The decoder's sampler, steps and guidance scale `options` sampled with: the decoder's stored defaults where
+    `options` gave none."""
+    used = pipeline.sampler.override(kind=options.get("sampler"), steps=options.get("steps"))
+    guidance = options.get("guidance_scale")
+    return {"sampler": used.kind, "steps": used.steps,
+            "guidance_scale": default_decoder_guidance(pipeline.decoder) if guidance is None else guidance}
 
 
 def sample_unclip_images(prior, decoder, prompts: list[str], out_dir, *, num_images_per_prompt: int = 4,
@@ -31,7 +40,7 @@ def sample_unclip_images(prior, decoder, prompts: list[str], out_dir, *, num_ima
         images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
         entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
         record = {"checkpoint": str(prior), "decoder": str(decoder), "num_images_per_prompt": num_images_per_prompt,
-                  **options}
+                  **options, **decoder_defaults_used(pipeline.decoder, options)}
         names = write_samples(staging, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
     return [out_dir / name for name in names]
 
@@ -55,6 +64,7 @@ def sample_variations(decoder, paths: list[str], out_dir, *, num_variations: int
         pipeline = on_device(device, lambda: DecoderPipeline.from_pretrained(decoder, device=device))
         images = pipeline.variations(inputs, num_variations=num_variations, **options)
         entries = [{"image": str(files[index // num_variations])} for index in range(len(images))]
-        record = {"checkpoint": str(decoder), "num_variations": num_variations, **options}
+        record = {"checkpoint": str(decoder), "num_variations": num_variations, **options,
+                  **decoder_defaults_used(pipeline, options)}
         names = write_samples(staging, images, entries, num_variations, record)
     return [out_dir / name for name in names]

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import mmgen
 from mmgen import cli
@@ -92,3 +93,19 @@ def test_bad_stored_keys_are_refused_on_load(decoder_run, tmp_path):
         write(**changes)
         with pytest.raises(Exception, match="sampler|sampling_steps|guidance_scale"):
             mmgen.load(tmp_path / "bad")
+
+
+def test_the_cli_records_the_decoder_defaults_it_sampled_with(decoder_run, tmp_path):
+    """`mmgen sample variations` without --sampler / --steps / --guidance samples with, and records, the stored ones;
+    given flags win."""
+    image = tmp_path / "input.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(image)
+    stored = mmgen.load(decoder_run / "run").config
+    for name, flags, expected in (("default", [], ("ddpm", 3, stored.guidance_scale)),
+                                  ("given", ["--sampler", "ddim", "--steps", "2", "--guidance", "1.5"],
+                                   ("ddim", 2, 1.5))):
+        out = tmp_path / name
+        assert cli.main(["sample", "variations", "--checkpoint", str(decoder_run / "run"), str(image), "--n", "1",
+                         "--out", str(out), *flags]) == 0
+        record = json.loads((out / "samples.json").read_text())
+        assert (record["sampler"], record["steps"], record["guidance_scale"]) == expected
