@@ -14,7 +14,6 @@ folder (its image tower makes the embeddings of training images and of the input
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -27,7 +26,7 @@ from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.preprocess import clip_input
 from ..hub import PretrainedMixin
 from .guidance import ConditionalModel
-from .samplers import SAMPLERS, SamplerConfig
+from .samplers import SamplerConfig, check_sampling_defaults
 from .schedule import NoiseSchedule
 from .text2img import empty_prompt_tokens
 from .unet import UNet, UNetConfig
@@ -62,12 +61,7 @@ class DecoderConfig:
                              f"({self.unet.in_channels}): the UNet predicts noise shaped like the image")
         if self.embedding_tokens < 1:
             raise ValueError(f"embedding_tokens must be positive, got {self.embedding_tokens}")
-        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be a finite number >= 0 or null, got {self.guidance_scale}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if isinstance(self.sampling_steps, bool) or not isinstance(self.sampling_steps, int) or self.sampling_steps < 1:
-            raise ValueError(f"sampling_steps must be an integer >= 1, got {self.sampling_steps!r}")
+        check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps)
         expected = {"context_dim": self.clip.text.width, "pooled_dim": self.clip.embed_dim}
         for name, value in expected.items():
             if getattr(self.unet, name) != value:

@@ -320,6 +320,17 @@ class DPMSolverSampler(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "dpm++": DPMSolverSampler}
 
 
+def check_sampling_defaults(guidance_scale: float | None, sampler: str, sampling_steps: int) -> None:
+    """ValueError for a model's stored sampling defaults that cannot be used: a guidance scale that is not a finite
+    number >= 0 (or None), a sampler kind not in SAMPLERS, a step count that is not an integer >= 1."""
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 or null, got {guidance_scale}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    if isinstance(sampling_steps, bool) or not isinstance(sampling_steps, int) or sampling_steps < 1:
+        raise ValueError(f"sampling_steps must be an integer >= 1, got {sampling_steps!r}")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """A sampler as a configuration: `build(schedule)` makes the Sampler of kind `kind` for a model's schedule, its

@@ -27,7 +27,7 @@ from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.tokenizer import CLIPTokenizer
 from ..hub import PretrainedMixin
 from .guidance import ConditionalModel
-from .samplers import SAMPLERS, SPACINGS, SamplerConfig, TimestepSpacing
+from .samplers import SPACINGS, SamplerConfig, TimestepSpacing, check_sampling_defaults
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
@@ -98,16 +98,11 @@ class TextToImageConfig:
         if self.unet.pooled_dim not in (None, self.text_encoder.embed_dim):
             raise ValueError(f"unet.pooled_dim is {self.unet.pooled_dim}, the text encoder needs "
                              f"{self.text_encoder.embed_dim} (or null: no pooled text embedding)")
-        if self.guidance_scale is not None and not (math.isfinite(self.guidance_scale) and self.guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be a finite number >= 0 or null, got {self.guidance_scale}")
+        check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps)
         if self.timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
             raise ValueError(f"steps_offset must be an integer >= 0, got {self.steps_offset!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if isinstance(self.sampling_steps, bool) or not isinstance(self.sampling_steps, int) or self.sampling_steps < 1:
-            raise ValueError(f"sampling_steps must be an integer >= 1, got {self.sampling_steps!r}")
         if self.clip_sample_range is not None and not self.clip_sample_range > 0:
             raise ValueError(f"clip_sample_range must be positive or null, got {self.clip_sample_range}")
         if not 0 < self.dynamic_thresholding_ratio <= 1:

@@ -26,7 +26,7 @@ from ..pipelines.unclip import DecoderPipeline
 from ..training import TrainConfig
 from ..training.trainer import process_state
 from .common import RecipeRun
-from .diffusion import CaptionTokens, DiffusionDataConfig, SampleGridConfig, with_sampling_defaults
+from .diffusion import CaptionTokens, DiffusionDataConfig, SampleGridConfig, store_best_guidance, with_sampling_defaults
 from .unclip import evaluation_pairs, load_clip
 
 
@@ -95,16 +95,11 @@ class ReconstructionGrid:
     def choose_guidance(self, model: UnCLIPDecoder, embeddings: torch.Tensor) -> dict:
         """Decode at each of guidance_choices; the scale with the highest mean cosine between the decodings' CLIP
         embeddings and `embeddings` (ties: the smallest) becomes model.config.guidance_scale."""
-        metrics, best = {}, None
-        for scale in sorted(self.config.guidance_choices):
+        def cosine(scale: float) -> float:
             decoded = DecoderPipeline(model).image_embeddings(self.decode(model, embeddings, scale))
-            cosine = (decoded * embeddings).sum(dim=1).mean().item()
-            metrics[f"samples/clip_cosine@{scale:g}"] = cosine
-            if best is None or cosine > best[1]:
-                best = (scale, cosine)
-        model.config.guidance_scale = best[0]
-        metrics["samples/guidance_scale"] = best[0]
-        return metrics
+            return (decoded * embeddings).sum(dim=1).mean().item()
+
+        return store_best_guidance(model, self.config.guidance_choices, cosine, "samples/clip_cosine")
 
 
 def new_model(section: DecoderModelSection) -> UnCLIPDecoder:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -170,19 +170,28 @@ class SampleGrid:
         tokens = tokenize_prompts(distinct, clip.config.text.context_length).to(device)
         text = clip.encode_text(tokens)  # (prompts, embed_dim), unit length
         answers = torch.tensor([distinct.index(prompt) for prompt in self.prompts], device=device)
-        metrics, best = {}, None
-        for scale in sorted(config.guidance_choices):
+
+        def accuracy(scale: float) -> float:
             images = TextToImagePipeline(model)(self.prompts, sampler=config.sampler, steps=config.steps,
                                                 guidance_scale=scale, seed=config.seed, progress=False,
                                                 output_type="pt")
             embeddings = clip.encode_image(clip_input(images.to(device), clip.config.vision.image_size))
-            accuracy = ((embeddings @ text.T).argmax(dim=1) == answers).float().mean().item()
-            metrics[f"samples/clip_prompt_accuracy@{scale:g}"] = accuracy
-            if best is None or accuracy > best[1]:
-                best = (scale, accuracy)
-        model.config.guidance_scale = best[0]
-        metrics["samples/guidance_scale"] = best[0]
-        return metrics
+            return ((embeddings @ text.T).argmax(dim=1) == answers).float().mean().item()
+
+        return store_best_guidance(model, config.guidance_choices, accuracy, "samples/clip_prompt_accuracy")
+
+
+def store_best_guidance(model, choices: list[float], score: Callable[[float], float], metric: str) -> dict:
+    """Score each of `choices` (ascending); the best (ties: the smallest) becomes model.config.guidance_scale. Returns
+    the metrics to log: METRIC@G per scale, and samples/guidance_scale."""
+    metrics, best = {}, None
+    for scale in sorted(choices):
+        value = metrics[f"{metric}@{scale:g}"] = score(scale)
+        if best is None or value > best[1]:
+            best = (scale, value)
+    model.config.guidance_scale = best[0]
+    metrics["samples/guidance_scale"] = best[0]
+    return metrics
 
 
 def distinct_captions(dataset, count: int) -> list[str]:
