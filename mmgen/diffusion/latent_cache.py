@@ -94,7 +94,9 @@ def encode_dataset(model: TextToImage, dataset: Dataset, *, batch_size: int = 64
     """The scaled posterior moments and text encodings of every usable item (bad samples left out with a warning)."""
     device = next(model.parameters()).device
     vae, config = model.vae, model.vae.config
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions)
+    # its own generator: a loader draws a seed when iterated, and the global one would then differ between a run that
+    # builds the cache and one that reuses it (adapters initialised after the cache, data order, noise)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_captions, generator=torch.Generator())
     parts: dict[str, list[torch.Tensor]] = {}
     skipped, examples = 0, []
     for batch in tqdm(loader, desc="caching latents and text states", disable=not progress, leave=False):

@@ -273,7 +273,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
         check_model_section(clip, vae, recipe.model)
     data = recipe.data
     if data.latent_cache is not None:
-        check_latent_cache_options(recipe)
+        check_latent_cache_options(recipe.model.vae is not None, data)
         data = replace(data, cache=False)  # the latent cache replaces the in-memory pixels
     train_set, val_set = run.caption_datasets(recipe.model.image_size, "minus_one_to_one", data.shapes_options(), data)
     prompts = grid_prompts(recipe.samples, val_set or train_set) if run.state.is_main_process else []
@@ -292,11 +292,11 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
                    max_bad_fraction=recipe.data.max_bad_fraction)
 
 
-def check_latent_cache_options(recipe: DiffusionRecipe) -> None:
-    """data.latent_cache needs latent diffusion and one fixed view per image."""
-    if recipe.model.vae is None:
+def check_latent_cache_options(latent: bool, data: DiffusionDataConfig) -> None:
+    """data.latent_cache needs latent diffusion (`latent`: the model has a VAE) and one fixed view per image."""
+    if not latent:
         raise ConfigError("data.latent_cache needs latent diffusion (model.vae): a pixel model has no latents")
-    if recipe.data.crop_scale is not None:
+    if data.crop_scale is not None:
         raise ConfigError("data.latent_cache keeps one view per image, so random crops would be frozen: set "
                           "data.crop_scale: null, or leave data.latent_cache out")
 

@@ -3,6 +3,10 @@
 Teaching it a shape it never saw: data.train "shapes:train:2000:extra=heart" (mmgen.data.shapes.EXTRA_SHAPES),
 with sample-grid prompts that name the new shape.
 
+With data.latent_cache (a latent base, objective denoising), the VAE posterior moments and frozen text states are
+cached once (mmgen.diffusion.latent_cache) and the run reads no pixels: fine-tuning Stable Diffusion, the VAE encoder
+is the costly part of a step the cache removes.
+
 Preference tuning (objective dpo, Diffusion-DPO: mmgen.diffusion.dpo) on shapes data: each caption's render is the
 winner, the same layout with the wrong colour or shape the loser (mmgen.data.shape_pairs); data.train and data.val
 must be shapes specs (their split, size, seed and extra shapes are used; caption options and cache are not).
@@ -10,7 +14,7 @@ must be shapes specs (their split, size, seed and extra shapes are used; caption
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -19,7 +23,7 @@ from ..data.captions import build_caption_dataset
 from ..data.robust import robust
 from ..data.shape_pairs import ShapePreferencePairs
 from ..diffusion.dpo import DiffusionDPOConfig, DiffusionDPOLoss
-from ..diffusion.objective import DenoisingLoss, DiffusionLossConfig
+from ..diffusion.objective import CachedLatentLoss, DenoisingLoss, DiffusionLossConfig
 from ..diffusion.text2img import TextToImage, tokenize_prompts
 from ..errors import ConfigError
 from ..training import TrainConfig
@@ -28,7 +32,9 @@ from .diffusion import (
     DiffusionDataConfig,
     SampleGrid,
     SampleGridConfig,
+    check_latent_cache_options,
     grid_prompts,
+    latent_caches,
 )
 from .finetune import FinetuneConfig, adapt, start
 
@@ -83,20 +89,32 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
     timesteps = model.schedule.num_train_timesteps
     if recipe.samples.steps > timesteps:
         raise ConfigError(f"samples.steps ({recipe.samples.steps}) exceeds the base's {timesteps} training timesteps")
+    data = recipe.data
+    if data.latent_cache is not None:
+        if recipe.objective != "denoising":
+            raise ConfigError(f"data.latent_cache caches what objective denoising encodes; objective "
+                              f"{recipe.objective} renders its own pairs: leave data.latent_cache out")
+        check_latent_cache_options(model.vae is not None, data)
+        data = replace(data, cache=False)  # the latent cache replaces the in-memory pixels
     if recipe.objective == "dpo":
-        train_set, val_set = preference_datasets(recipe.data, model.config.image_size, recipe.train.seed)
+        train_set, val_set = preference_datasets(data, model.config.image_size, recipe.train.seed)
     else:
-        train_set, val_set = run.caption_datasets(model.config.image_size, "minus_one_to_one",
-                                                  recipe.data.shapes_options())
+        train_set, val_set = run.caption_datasets(model.config.image_size, "minus_one_to_one", data.shapes_options(),
+                                                  data)
     prompts = grid_prompts(recipe.samples, val_set or train_set) if run.state.is_main_process else []
 
     model = run.build_model(lambda: model)
+    caches = latent_caches(run, model, train_set, val_set) if data.latent_cache is not None else None
     save_fn, load_fn = adapt(model, recipe)
     if recipe.objective == "dpo":  # the reference: the base, as it is before training
         return run.fit(model, loss_fn=DiffusionDPOLoss(model, recipe.dpo), train_dataset=train_set,
                        val_dataset=val_set, collate_fn=PairTokens(model.context_length),
                        evaluate_fn=SampleGrid(run.folder.path, prompts, recipe.samples), save_fn=save_fn,
                        load_fn=load_fn)
+    if caches is not None:  # built before the adapters, from the base's own frozen VAE and text encoder
+        return run.fit(model, loss_fn=CachedLatentLoss(model, recipe.loss), train_dataset=caches[0],
+                       val_dataset=caches[1], evaluate_fn=SampleGrid(run.folder.path, prompts, recipe.samples),
+                       save_fn=save_fn, load_fn=load_fn)
     return run.fit(model, loss_fn=DenoisingLoss(model, recipe.loss), train_dataset=robust(train_set),
                    val_dataset=robust(val_set), collate_fn=CaptionTokens(model.context_length),
                    evaluate_fn=SampleGrid(run.folder.path, prompts, recipe.samples), save_fn=save_fn,
