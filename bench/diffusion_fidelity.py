@@ -13,6 +13,8 @@ renders of the same prompts is the ceiling.
 
 With --decoder, --checkpoint is an unCLIP prior and the images come from the prior + decoder pipeline; a setting's
 sampler, steps and guidance are the decoder's, the prior samples with DDIM at --prior-steps / --prior-guidance.
+--real-embeddings skips the prior: the decoder decodes the CLIP image embeddings of real renders of the prompts
+(with the prompts as its text), which tells the decoder's errors from the prior's.
 """
 
 from __future__ import annotations
@@ -72,8 +74,17 @@ def prompt_attributes(split: str, count: int, seed: int = 0) -> list[dict]:
 
 
 def generate(pipeline: TextToImagePipeline | UnCLIPPipeline, prompts: list[str], setting: dict,
-             images_per_prompt: int, batch_size: int, seed: int) -> list:
-    """The pipeline's images for `prompts` under `setting`, `batch_size` prompts per call, each call seeded apart."""
+             images_per_prompt: int, batch_size: int, seed: int, embeddings: torch.Tensor | None = None) -> list:
+    """The pipeline's images for `prompts` under `setting`, `batch_size` prompts per call, each call seeded apart.
+    With `embeddings` (one per image, prompt-major), an unCLIP pipeline's decoder decodes them instead of the prior's."""
+    if embeddings is not None:
+        batch = [prompt for prompt in prompts for _ in range(images_per_prompt)]
+        step = batch_size * images_per_prompt
+        return [image for index, start in enumerate(range(0, len(batch), step))
+                for image in pipeline.decoder(embeddings[start : start + step], batch[start : start + step],
+                                              sampler=setting["sampler"], steps=setting["steps"],
+                                              guidance_scale=setting["guidance_scale"], seed=seed + index,
+                                              progress=False)]
     if isinstance(pipeline, UnCLIPPipeline):
         options = {"prior_steps": setting["prior_steps"], "prior_guidance_scale": setting["prior_guidance_scale"]}
     else:
@@ -132,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         "checkpoint": str(args.checkpoint), "decoder": args.decoder and str(args.decoder),
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
         "device": args.device, "model_image_size": image_size, "images_per_prompt": args.images_per_prompt,
-        "seed": args.seed, "judge": {"image_size": judge.config.image_size, "report": judge.report},
+        "seed": args.seed, "real_embeddings": args.real_embeddings, "judge": {"image_size": judge.config.image_size, "report": judge.report},
         "command": " ".join(sys.argv), "prompt_sets": {},
     }
     for split in ["heldout"] + (["train"] if args.train_prompts else []):
@@ -143,9 +154,15 @@ def run(args: argparse.Namespace) -> dict:
         rng = np.random.default_rng([args.seed, 7])
         ceiling = score(judge.predict([render(a, image_size, rng) for a in expected]), expected)
         block = {"prompts": len(prompts), "examples": prompts[:4], "ceiling": ceiling, "settings": []}
+        embeddings = None
+        if args.real_embeddings:  # another draw of renders than the ceiling's, embedded by the decoder's CLIP
+            renders = np.random.default_rng([args.seed, 11])
+            embeddings = pipeline.decoder.image_embeddings([render(a, image_size, renders) for a in expected])
+            block["embeddings"] = "real renders"
         for setting in settings:
             start = time.perf_counter()
-            images = generate(pipeline, prompts, setting, args.images_per_prompt, args.batch_size, args.seed)
+            images = generate(pipeline, prompts, setting, args.images_per_prompt, args.batch_size, args.seed,
+                              embeddings)
             seconds = time.perf_counter() - start
             block["settings"].append({**setting, "seconds": round(seconds, 2),
                                       "fidelity": score(judge.predict(images), expected)})
@@ -161,6 +178,8 @@ def main() -> None:
     parser.add_argument("--decoder", type=Path, help="unCLIP decoder run or model folder: test prior + decoder")
     parser.add_argument("--prior-steps", type=int, default=64, help="the prior's DDIM steps (with --decoder)")
     parser.add_argument("--prior-guidance", type=float, default=2.0, help="the prior's guidance (with --decoder)")
+    parser.add_argument("--real-embeddings", action="store_true",
+                        help="with --decoder: decode the CLIP embeddings of real renders instead of prior samples")
     parser.add_argument("--settings", help=f"SAMPLER:STEPS:GUIDANCE,... (default {DEFAULT_SETTINGS})")
     parser.add_argument("--prompts", type=int, help="prompts per prompt set (default 64; 8 with --quick)")
     parser.add_argument("--images-per-prompt", type=int, default=1)
@@ -180,6 +199,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.images_per_prompt < 1 or args.batch_size < 1 or (args.prompts is not None and args.prompts < 1):
         parser.error("--prompts, --images-per-prompt and --batch-size must be >= 1")
+    if args.real_embeddings and args.decoder is None:
+        parser.error("--real-embeddings needs --decoder")
     if args.prior_steps < 1 or args.prior_guidance < 0:
         parser.error("--prior-steps must be >= 1 and --prior-guidance >= 0")
     try:
