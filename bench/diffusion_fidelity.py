@@ -83,10 +83,12 @@ def generate(pipeline: TextToImagePipeline | UnCLIPPipeline, prompts: list[str],
         return [image for index, start in enumerate(range(0, len(batch), step))
                 for image in pipeline.decoder(embeddings[start : start + step], batch[start : start + step],
                                               sampler=setting["sampler"], steps=setting["steps"],
-                                              guidance_scale=setting["guidance_scale"], seed=seed + index,
+                                              guidance_scale=setting["guidance_scale"],
+                                              guidance_interval=setting.get("interval"), seed=seed + index,
                                               progress=False)]
     if isinstance(pipeline, UnCLIPPipeline):
-        options = {"prior_steps": setting["prior_steps"], "prior_guidance_scale": setting["prior_guidance_scale"]}
+        options = {"prior_steps": setting["prior_steps"], "prior_guidance_scale": setting["prior_guidance_scale"],
+                   "guidance_interval": setting.get("interval")}
     else:
         options = {"guidance_rescale": setting.get("rescale", 0.0), "guidance_interval": setting.get("interval")}
     images = []
@@ -102,8 +104,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[TextToImagePipeline | UnCLI
     if args.decoder is None:
         pipeline = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
         return pipeline, pipeline.model.config.image_size
-    if args.guidance_rescale or args.guidance_interval:
-        raise UserError("--guidance-rescale and --guidance-interval are for text2img models, not prior + decoder")
+    if args.guidance_rescale:
+        raise UserError("--guidance-rescale is for text2img models, not prior + decoder")
     pipeline = UnCLIPPipeline.from_pretrained(args.checkpoint, args.decoder, device=args.device)
     return pipeline, pipeline.decoder.decoder.config.image_size
 
@@ -130,8 +132,9 @@ def print_table(results: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     settings = parse_settings(args.settings or (QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS))
     for setting in settings:
+        setting.update(interval=args.guidance_interval)
         if args.decoder is None:
-            setting.update(rescale=args.guidance_rescale, interval=args.guidance_interval)
+            setting.update(rescale=args.guidance_rescale)
         else:
             setting.update(prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
     count = args.prompts or (8 if args.quick else 64)

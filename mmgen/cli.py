@@ -170,7 +170,8 @@ def _add_sample(commands) -> None:
                           help="rescale the guided prediction towards the conditional one's std (0..1, diffusers' "
                                "guidance_rescale)")
     text2img.add_argument("--guidance-interval", type=non_negative_int, nargs=2, metavar=("T_LOW", "T_HIGH"),
-                          help="apply classifier-free guidance only at timesteps T_LOW..T_HIGH")
+                          help="apply classifier-free guidance only at timesteps T_LOW..T_HIGH (default: the "
+                               "model's stored interval, if any; else every step)")
     text2img.add_argument("--clip-guidance", type=non_negative_float, default=0.0, help="CLIP guidance scale")
     text2img.add_argument("--clip-model", help="CLIP folder for --clip-guidance (default: the text encoder)")
     text2img.add_argument("--negative-prompt", action="append", dest="negative_prompts", metavar="TEXT",
@@ -183,7 +184,8 @@ def _add_sample(commands) -> None:
                           help="precision the model samples in (its weights are cast; the sampler stays fp32)")
     _add_adapter(text2img)
     text2img.add_argument("--decoder", metavar="DECODER_RUN", help="unCLIP: --checkpoint is a prior run, this its "
-                          "decoder (run or model folder); --sampler, --steps, --guidance, --eta are the decoder's")
+                          "decoder (run or model folder); --sampler, --steps, --guidance, --guidance-interval, --eta are the "
+                          "decoder's")
     text2img.add_argument("--prior-steps", type=positive_int, default=64, help="unCLIP: the prior's DDIM steps")
     text2img.add_argument("--prior-guidance", type=non_negative_float, default=2.0,
                           help="unCLIP: the prior's classifier-free guidance")

@@ -75,7 +75,11 @@ def _run_unclip_sample(args) -> None:
 
     from .recipes.unclip_sample import sample_unclip_images, sample_variations
 
-    options = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, eta=args.eta, seed=args.seed)
+    interval = tuple(args.guidance_interval) if getattr(args, "guidance_interval", None) else None
+    if interval is not None and interval[0] > interval[1]:
+        raise UserError(f"--guidance-interval needs T_LOW <= T_HIGH, got {interval[0]} {interval[1]}")
+    options = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, guidance_interval=interval,
+                   eta=args.eta, seed=args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.model == "variations":
@@ -87,7 +91,6 @@ def _run_unclip_sample(args) -> None:
             unsupported = [flag for flag, value in (("--clip-guidance", args.clip_guidance),
                                                     ("--clip-model", args.clip_model), ("--adapter", args.adapter),
                                                     ("--guidance-rescale", args.guidance_rescale),
-                                                    ("--guidance-interval", args.guidance_interval),
                                                     ("--negative-prompt", args.negative_prompts),
                                                     ("--height", args.height), ("--width", args.width),
                                                     ("--dtype", args.dtype != "fp32"))

@@ -46,10 +46,12 @@ class DecoderConfig:
     embedding_tokens: int = 4  # extra context tokens projected from the image embedding
     text_conditioning: bool = True  # also cross-attend to the caption's CLIP token states
     # sampling defaults stored with the model (a recipe stores its evaluation grid's): the decoder's classifier-free
-    # guidance (None: 3.0) and its default sampler's kind and steps (x0 clipped to [-1, 1], trailing spacing)
+    # guidance (None: 3.0), the timesteps [t_low, t_high] it is applied at (None: every step; Kynkäänniemi et al.
+    # 2024) and its default sampler's kind and steps (x0 clipped to [-1, 1], trailing spacing)
     guidance_scale: float | None = None
     sampler: str = "ddim"
     sampling_steps: int = 50
+    guidance_interval: list[int] | None = None
 
     def __post_init__(self):
         factor = self.unet.downsampling
@@ -61,7 +63,7 @@ class DecoderConfig:
                              f"({self.unet.in_channels}): the UNet predicts noise shaped like the image")
         if self.embedding_tokens < 1:
             raise ValueError(f"embedding_tokens must be positive, got {self.embedding_tokens}")
-        check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps)
+        check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps, self.guidance_interval)
         expected = {"context_dim": self.clip.text.width, "pooled_dim": self.clip.embed_dim}
         for name, value in expected.items():
             if getattr(self.unet, name) != value:

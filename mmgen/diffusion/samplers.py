@@ -320,15 +320,38 @@ class DPMSolverSampler(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {"ddim": DDIMSampler, "ddpm": DDPMSampler, "dpm++": DPMSolverSampler}
 
 
-def check_sampling_defaults(guidance_scale: float | None, sampler: str, sampling_steps: int) -> None:
+def check_sampling_defaults(guidance_scale: float | None, sampler: str, sampling_steps: int,
+                            guidance_interval: list[int] | None = None) -> None:
     """ValueError for a model's stored sampling defaults that cannot be used: a guidance scale that is not a finite
-    number >= 0 (or None), a sampler kind not in SAMPLERS, a step count that is not an integer >= 1."""
+    number >= 0 (or None), a sampler kind not in SAMPLERS, a step count that is not an integer >= 1, a guidance
+    interval that is not [t_low, t_high] with 0 <= t_low <= t_high (or None)."""
+    check_guidance_interval(guidance_interval)
     if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"guidance_scale must be a finite number >= 0 or null, got {guidance_scale}")
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if isinstance(sampling_steps, bool) or not isinstance(sampling_steps, int) or sampling_steps < 1:
         raise ValueError(f"sampling_steps must be an integer >= 1, got {sampling_steps!r}")
+
+
+def check_guidance_interval(interval, label: str = "guidance_interval") -> None:
+    """ValueError unless `interval` is None or [t_low, t_high], integers with 0 <= t_low <= t_high."""
+    if interval is None:
+        return
+    if (not isinstance(interval, (list, tuple)) or len(interval) != 2
+            or any(isinstance(t, bool) or not isinstance(t, int) for t in interval)
+            or not 0 <= interval[0] <= interval[1]):
+        raise ValueError(f"{label} must be [t_low, t_high], integers with 0 <= t_low <= t_high, or null; "
+                         f"got {interval!r}")
+
+
+def checked_interval(interval) -> tuple[int, int] | None:
+    """A pipeline's guidance interval as a (t_low, t_high) tuple (None stays None); one UserError line if malformed."""
+    try:
+        check_guidance_interval(None if interval is None else list(interval))
+    except (ValueError, TypeError) as error:
+        raise UserError(str(error)) from None
+    return None if interval is None else tuple(interval)
 
 
 @dataclass(frozen=True)

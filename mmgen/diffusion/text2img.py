@@ -46,7 +46,8 @@ class TextToImageConfig:
     end-of-text token from cross-attention; Stable Diffusion attends to all of them (False). text_skip_layers takes the
     text states of an earlier layer (SD's "clip skip"; SD 2's converted text encoder already ends at the penultimate).
 
-    Sampling defaults stored with the model: guidance_scale, and its default sampler's kind and steps (sampler,
+    Sampling defaults stored with the model: guidance_scale (and guidance_interval [t_low, t_high]: guide only at those
+    timesteps; None: at every step), and its default sampler's kind and steps (sampler,
     sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's), timestep spacing and steps_offset, x0
     clipping (clip_sample_range None: the model's sample_range) or dynamic thresholding (thresholding,
     dynamic_thresholding_ratio, sample_max_value: it wins over clipping), DDIM's set_alpha_to_one and
@@ -74,6 +75,7 @@ class TextToImageConfig:
     use_clipped_model_output: bool = True
     sampler: str = "ddim"  # the default sampler's kind and steps (a recipe stores those of its evaluation grid)
     sampling_steps: int = 50
+    guidance_interval: list[int] | None = None  # guide only at timesteps t_low..t_high (None: at every step)
 
     def __post_init__(self):
         factor = self.unet.downsampling  # the UNet's downsampling (its patch size times 2 per level)
@@ -98,7 +100,7 @@ class TextToImageConfig:
         if self.unet.pooled_dim not in (None, self.text_encoder.embed_dim):
             raise ValueError(f"unet.pooled_dim is {self.unet.pooled_dim}, the text encoder needs "
                              f"{self.text_encoder.embed_dim} (or null: no pooled text embedding)")
-        check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps)
+        check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps, self.guidance_interval)
         if self.timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:

@@ -14,7 +14,7 @@ from PIL import Image
 from ..clip.model import CLIP
 from ..data.images import to_pil_images
 from ..diffusion.guidance import clip_guidance, clip_score, guided_model_fn
-from ..diffusion.samplers import ModelFn, SamplerConfig, sample_loop
+from ..diffusion.samplers import ModelFn, SamplerConfig, checked_interval, sample_loop
 from ..diffusion.text2img import TextToImage, tokenize_prompts
 from ..errors import UserError
 from ..hub import load_as
@@ -83,7 +83,8 @@ class TextToImagePipeline:
         `sampler` (a kind of samplers.SAMPLERS), `steps` and `eta` (DDIM's stochasticity, 0: deterministic) override
         the pipeline's sampler config when given. `latents`: the initial noise (batch, *sample shape), else drawn
         from `seed`. output_type "pt": a tensor (batch, 3, H, W) in [-1, 1] instead of PIL images.
-        guidance_interval (t_low, t_high) and guidance_rescale: see mmgen.diffusion.guidance.classifier_free_guidance.
+        guidance_interval (t_low, t_high) and guidance_rescale: see mmgen.diffusion.guidance.classifier_free_guidance;
+        guidance_interval None: the model's stored one (config.json's guidance_interval; None there: every step).
         `guidance_scale` None: the model's stored default (config.json's guidance_scale, chosen by its training run's
         evaluation), else 3.
         """
@@ -100,9 +101,9 @@ class TextToImagePipeline:
             raise UserError(f"guidance scales must be >= 0, got {guidance_scale} and {clip_guidance_scale}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise UserError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
-        if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1]:
-            raise UserError(f"guidance_interval must be (t_low, t_high) with 0 <= t_low <= t_high, "
-                            f"got {tuple(guidance_interval)}")
+        if guidance_interval is None:
+            guidance_interval = config.guidance_interval
+        guidance_interval = checked_interval(guidance_interval)
         for index, prompt in enumerate(prompts):
             if not prompt.strip():
                 warnings.warn(f"prompt {index + 1} is empty: its images are sampled unconditionally", stacklevel=2)

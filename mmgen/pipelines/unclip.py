@@ -16,7 +16,7 @@ from ..data.images import image_transform, to_pil_images
 from ..diffusion.decoder import UnCLIPDecoder
 from ..diffusion.guidance import guided_model_fn
 from ..diffusion.prior import DiffusionPrior
-from ..diffusion.samplers import Sampler, SamplerConfig, sample_loop
+from ..diffusion.samplers import Sampler, SamplerConfig, checked_interval, sample_loop
 from ..diffusion.text2img import tokenize_prompts
 from ..errors import UserError
 from ..hub import load_as
@@ -109,12 +109,16 @@ class DecoderPipeline:
     @torch.no_grad()
     def __call__(self, image_embeddings: torch.Tensor, prompts: list[str] | None = None, *,
                  sampler: str | None = None, steps: int | None = None, guidance_scale: float | None = None,
-                 eta: float | None = None, seed: int = 0, progress: bool = True) -> list[Image.Image]:
+                 guidance_interval: tuple[int, int] | None = None, eta: float | None = None, seed: int = 0,
+                 progress: bool = True) -> list[Image.Image]:
         """One image per embedding (batch, embed_dim); `prompts` (one per embedding) are used only by a decoder with
         text conditioning (default: the empty prompt). `sampler` (a kind), `steps` and `eta` override the
-        pipeline's sampler config when given; `guidance_scale` None: the decoder's stored default (else 3.0)."""
+        pipeline's sampler config when given; `guidance_scale` None: the decoder's stored default (else 3.0);
+        `guidance_interval` (t_low, t_high: guide only at those timesteps) None: the decoder's stored one (None there:
+        every step)."""
         decoder, config = self.decoder, self.decoder.config
         guidance_scale = default_decoder_guidance(decoder) if guidance_scale is None else guidance_scale
+        interval = checked_interval(config.guidance_interval if guidance_interval is None else guidance_interval)
         chosen = _sampler_for(decoder, self.sampler.override(kind=sampler, steps=steps, eta=eta), guidance_scale)
         if image_embeddings.ndim != 2 or image_embeddings.shape[1] != decoder.embed_dim:
             raise UserError(f"the decoder reads CLIP image embeddings of width {decoder.embed_dim}, "
@@ -126,7 +130,7 @@ class DecoderPipeline:
         tokens = None
         if prompts is not None and config.text_conditioning:
             tokens = tokenize_prompts(prompts, decoder.context_length).to(device)
-        model_fn = guided_model_fn(decoder, (image_embeddings, tokens), guidance_scale)
+        model_fn = guided_model_fn(decoder, (image_embeddings, tokens), guidance_scale, interval=interval)
         shape = (len(image_embeddings), config.channels, config.image_size, config.image_size)
         images = sample_loop(model_fn, chosen, shape, progress=progress, device=device,
                              generator=torch.Generator().manual_seed(seed))
@@ -176,13 +180,15 @@ class UnCLIPPipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], *, num_images_per_prompt: int = 1, sampler: str | None = None,
-                 steps: int | None = None, guidance_scale: float | None = None, prior_steps: int | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None,
+                 guidance_interval: tuple[int, int] | None = None, prior_steps: int | None = None,
                  prior_guidance_scale: float = 2.0, eta: float | None = None, seed: int = 0,
                  progress: bool = True) -> list[Image.Image]:
         """num_images_per_prompt images per prompt, prompt-major; each image has its own prior sample.
 
-        `sampler`, `steps`, `guidance_scale` and `eta` are the decoder's, `prior_steps` the prior's (each overriding
-        its sampler config); the prior samples with its config's kind (DDIM, eta 0 by default).
+        `sampler`, `steps`, `guidance_scale`, `guidance_interval` and `eta` are the decoder's, `prior_steps` the
+        prior's (each overriding its sampler config); the prior samples with its config's kind (DDIM, eta 0 by
+        default).
         An empty prompt samples unconditionally (with a warning)."""
         prompts = _prompt_list(prompts)
         if num_images_per_prompt < 1:
@@ -190,11 +196,12 @@ class UnCLIPPipeline:
         decoder = self.decoder  # its options are checked before the prior samples
         _sampler_for(decoder.decoder, decoder.sampler.override(kind=sampler, steps=steps, eta=eta),
                      default_decoder_guidance(decoder.decoder) if guidance_scale is None else guidance_scale)
+        checked_interval(guidance_interval)
         batch = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
         embeddings = self.prior(batch, steps=prior_steps, guidance_scale=prior_guidance_scale, seed=seed,
                                 progress=progress)
-        return self.decoder(embeddings, batch, sampler=sampler, steps=steps, guidance_scale=guidance_scale, eta=eta,
-                            seed=seed, progress=progress)
+        return self.decoder(embeddings, batch, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+                            guidance_interval=guidance_interval, eta=eta, seed=seed, progress=progress)
 
 
 def _same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:

@@ -65,7 +65,8 @@ class DecoderRecipe:
 
 class ReconstructionGrid:
     """The Trainer's evaluate_fn: (main process) decode the fixed held-out images' embeddings and save originals +
-    decodings as RUN_DIR/samples/step-N.png, with the grid's sampler, steps and guidance (the model's stored ones).
+    decodings as RUN_DIR/samples/step-N.png, with the grid's sampler, steps, guidance and guidance interval (the
+    model's stored ones).
 
     With samples.guidance_choices, the embeddings are first decoded at each scale; the scale whose decodings' CLIP
     image embeddings lie closest (mean cosine) to the embeddings they were decoded from becomes the model's stored
@@ -78,6 +79,7 @@ class ReconstructionGrid:
         if not self.captions or not process_state().is_main_process:
             return {}
         config, device, metrics = self.config, next(model.parameters()).device, {}
+        model.config.guidance_interval = config.guidance_interval  # the grid's, also when a resumed run changed it
         embeddings = model.encode_image(self.images.to(device))
         if config.guidance_choices:
             metrics = self.choose_guidance(model, embeddings)

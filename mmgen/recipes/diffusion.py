@@ -22,7 +22,7 @@ from ..clip.preprocess import clip_input
 from ..data.images import make_grid, save_png
 from ..data.robust import collate_captions, robust
 from ..diffusion.objective import CachedLatentLoss, DenoisingLoss, DiffusionLossConfig
-from ..diffusion.samplers import SAMPLERS
+from ..diffusion.samplers import SAMPLERS, check_guidance_interval
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.text2img import TextToImage, TextToImageConfig, tokenize_prompts
 from ..diffusion.unet import UNetConfig
@@ -97,6 +97,8 @@ class SampleGridConfig:
     # at each evaluation, sample the grid prompts at each of these scales and store as the model's default the one
     # whose images the model's own CLIP matches best to their prompts (ties: the smallest scale); None: no choice
     guidance_choices: list[float] | None = None
+    # guide only at timesteps [t_low, t_high] (Kynkäänniemi et al. 2024), stored with the model; None: every step
+    guidance_interval: list[int] | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -108,6 +110,7 @@ class SampleGridConfig:
         if self.guidance_choices is not None and (not self.guidance_choices or min(self.guidance_choices) < 0):
             raise ValueError(f"guidance_choices must be a non-empty list of scales >= 0 or null, "
                              f"got {self.guidance_choices}")
+        check_guidance_interval(self.guidance_interval)
 
 
 @dataclass
@@ -148,6 +151,7 @@ class SampleGrid:
         if not self.prompts or not process_state().is_main_process:
             return {}
         config, metrics = self.config, {}
+        model.config.guidance_interval = config.guidance_interval  # the grid's, also when a resumed run changed it
         if config.guidance_choices:
             metrics = self.choose_guidance(model)
         guidance = model.config.guidance_scale if config.guidance_choices else config.guidance_scale
@@ -322,10 +326,11 @@ def latent_caches(run: RecipeRun, model: TextToImage, train_set, val_set) -> tup
 
 
 def with_sampling_defaults(model, samples: SampleGridConfig):
-    """`model` (a TextToImage or an UnCLIPDecoder) with the grid's sampler, steps and guidance scale as its stored sampling defaults (the guidance scale
-    until an evaluation chooses another)."""
+    """`model` (a TextToImage or an UnCLIPDecoder) with the grid's sampler, steps, guidance scale (until an evaluation
+    chooses another) and guidance interval as its stored sampling defaults."""
     model.config.sampler, model.config.sampling_steps = samples.sampler, samples.steps
     model.config.guidance_scale = samples.guidance_scale
+    model.config.guidance_interval = samples.guidance_interval
     return model
 
 

@@ -20,12 +20,14 @@ def model_type(checkpoint) -> str:
 
 
 def decoder_defaults_used(pipeline: DecoderPipeline, options: dict) -> dict:
-    """The decoder's sampler, steps and guidance scale `options` sampled with: the decoder's stored defaults where
-    `options` gave none."""
+    """The decoder's sampler, steps, guidance scale and guidance interval `options` sampled with: the decoder's stored
+    defaults where `options` gave none."""
     used = pipeline.sampler.override(kind=options.get("sampler"), steps=options.get("steps"))
-    guidance = options.get("guidance_scale")
+    guidance, interval = options.get("guidance_scale"), options.get("guidance_interval")
+    interval = pipeline.decoder.config.guidance_interval if interval is None else interval
     return {"sampler": used.kind, "steps": used.steps,
-            "guidance_scale": default_decoder_guidance(pipeline.decoder) if guidance is None else guidance}
+            "guidance_scale": default_decoder_guidance(pipeline.decoder) if guidance is None else guidance,
+            "guidance_interval": None if interval is None else list(interval)}
 
 
 def sample_unclip_images(prior, decoder, prompts: list[str], out_dir, *, num_images_per_prompt: int = 4,

@@ -118,7 +118,7 @@ def test_pipeline_bad_inputs(model):
            (dict(sampler="ddpm", eta=0.5), "DDIM option"),
            (dict(num_images_per_prompt=0), "images per prompt"),
            (dict(guidance_rescale=1.5), "guidance_rescale must lie in \\[0, 1\\]"),
-           (dict(guidance_interval=(80, 50)), "0 <= t_low <= t_high, got \\(80, 50\\)")]
+           (dict(guidance_interval=(80, 50)), "0 <= t_low <= t_high, or null; got \\[80, 50\\]")]
     for options, message in bad:
         with pytest.raises(UserError, match=message):
             pipeline("a red circle", progress=False, **options)
