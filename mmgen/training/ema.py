@@ -17,7 +17,9 @@ class ExponentialMovingAverage:
     """`model` is a copy of the trained model whose trainable parameters follow ema <- d * ema + (1 - d) * current.
 
     Frozen parameters (requires_grad False, e.g. a pretrained text encoder) are shared with the trained model, not
-    copied: they never change, so averaging them would only cost memory. Buffers are copied at each update.
+    copied: they never change, so averaging them would only cost memory. So is the model's `config`: sampling defaults
+    an evaluation stores on the average (a chosen guidance scale) are the trained model's too, so its checkpoints
+    record them and a resumed run starts from them. Buffers are copied at each update.
     With `warmup`, d = min(decay, (1 + n) / (10 + n)) after n earlier updates, so early weights fade quickly.
     """
 
@@ -27,7 +29,10 @@ class ExponentialMovingAverage:
         self.decay = decay
         self.warmup = warmup
         frozen = {id(parameter): parameter for parameter in model.parameters() if not parameter.requires_grad}
-        self.model = copy.deepcopy(model, memo=dict(frozen)).eval().requires_grad_(False)
+        shared = dict(frozen)
+        if getattr(model, "config", None) is not None:
+            shared[id(model.config)] = model.config
+        self.model = copy.deepcopy(model, memo=shared).eval().requires_grad_(False)
         # (name, averaged copy) of every parameter the optimizer trains, in model.named_parameters() order
         self.averaged = [(name, parameter) for name, parameter in self.model.named_parameters()
                          if id(parameter) not in frozen]

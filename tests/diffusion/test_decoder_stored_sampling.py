@@ -24,8 +24,19 @@ def decoder_run(tmp_path_factory):
     make_clip(0).save_pretrained(folder / "clip")
     config = write_config(folder, TINY_DECODER_RECIPE, folder / "clip", "decoder")
     assert cli.main(["train", "decoder", "--config", str(config), "--out", str(folder / "run"), "samples.count=3",
-                     "samples.sampler=ddpm", "samples.steps=3", "samples.guidance_choices=[4.0, 0.0, 2.0]"]) == 0
+                     "samples.sampler=ddpm", "samples.steps=3", "samples.guidance_choices=[4.0, 0.0, 2.0]",
+                     "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2"]) == 0
     return folder
+
+
+def test_a_checkpoint_records_the_guidance_its_evaluation_chose(decoder_run):
+    """The evaluation chooses on the EMA model, which shares the trained model's config: the checkpoint written
+    after it (and a run resumed from it) has the chosen scale."""
+    records = [json.loads(line) for line in (decoder_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    chosen = [record["samples/guidance_scale"] for record in records if record.get("step") == 2
+              and "samples/guidance_scale" in record]
+    stored = json.loads((decoder_run / "run" / "checkpoints" / "step-2" / "config.json").read_text())["config"]
+    assert chosen and stored["guidance_scale"] == chosen[0]
 
 
 def test_the_run_stores_the_sampler_steps_and_the_guidance_its_evaluation_chose(decoder_run):

@@ -38,6 +38,13 @@ def test_update_rule_warmup_buffers_and_shared_frozen_parameters():
     assert ExponentialMovingAverage(model, 0.5, warmup=False).decay_at(0) == 0.5
 
 
+def test_the_average_shares_the_config_so_stored_sampling_defaults_reach_checkpoints():
+    model = GPT(GPTConfig(vocab_size=11, context_length=8, num_layers=1, num_heads=2, dim=8))
+    ema = ExponentialMovingAverage(model, decay=0.9)
+    assert ema.model.config is model.config
+    assert ema.model.lm_head.weight is not model.lm_head.weight  # the weights are still copies
+
+
 def test_trainer_evaluates_and_saves_the_ema_model(tmp_path):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=11, context_length=8, num_layers=1, num_heads=2, dim=16))
