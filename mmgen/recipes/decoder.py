@@ -79,7 +79,8 @@ class ReconstructionGrid:
         if not self.captions or not process_state().is_main_process:
             return {}
         config, device, metrics = self.config, next(model.parameters()).device, {}
-        model.config.guidance_interval = config.guidance_interval  # the grid's, also when a resumed run changed it
+        if config.guidance_interval is not None:  # the grid's, also when a resumed run changed it
+            model.config.guidance_interval = config.guidance_interval
         embeddings = model.encode_image(self.images.to(device))
         if config.guidance_choices:
             metrics = self.choose_guidance(model, embeddings)

@@ -97,7 +97,8 @@ class SampleGridConfig:
     # at each evaluation, sample the grid prompts at each of these scales and store as the model's default the one
     # whose images the model's own CLIP matches best to their prompts (ties: the smallest scale); None: no choice
     guidance_choices: list[float] | None = None
-    # guide only at timesteps [t_low, t_high] (Kynkäänniemi et al. 2024), stored with the model; None: every step
+    # guide only at timesteps [t_low, t_high] (Kynkäänniemi et al. 2024), stored with the model; None: every step for
+    # a new model, and a fine-tuned base keeps the interval it has
     guidance_interval: list[int] | None = None
     seed: int = 0
 
@@ -151,7 +152,8 @@ class SampleGrid:
         if not self.prompts or not process_state().is_main_process:
             return {}
         config, metrics = self.config, {}
-        model.config.guidance_interval = config.guidance_interval  # the grid's, also when a resumed run changed it
+        if config.guidance_interval is not None:  # the grid's, also when a resumed run changed it
+            model.config.guidance_interval = config.guidance_interval
         if config.guidance_choices:
             metrics = self.choose_guidance(model)
         guidance = model.config.guidance_scale if config.guidance_choices else config.guidance_scale

@@ -18,6 +18,7 @@ from mmgen.pipelines.unclip import DecoderPipeline
 from tests.clip.helpers import make_clip
 from tests.diffusion.helpers import older_folder, tiny_text2img
 from tests.diffusion.unclip_helpers import TINY_DECODER_RECIPE, write_config
+from tests.finetune.helpers import FAST_TRAIN, write_yaml
 
 INTERVAL = [0, 20]  # of the tiny decoder's 50 training timesteps
 
@@ -98,3 +99,17 @@ def test_the_cli_records_the_interval_it_sampled_with(decoder_run, tmp_path):
     assert cli.main(["sample", "variations", "--checkpoint", str(decoder_run / "run"), str(image), "--n", "1",
                      "--out", str(out)]) == 0
     assert json.loads((out / "samples.json").read_text())["guidance_interval"] == INTERVAL
+
+
+def test_full_finetuning_keeps_the_bases_interval_unless_its_grid_sets_one(tmp_path):
+    base = tiny_text2img()
+    base.config.guidance_interval = [0, 30]
+    base.save_pretrained(tmp_path / "base")
+    config = {"method": "full", "data": {"train": "shapes:train:16", "val": None},
+              "samples": {"prompts": ["a red circle"], "count": 1, "steps": 2}, "train": dict(FAST_TRAIN, max_steps=2)}
+    for name, extra, expected in (("kept", [], [0, 30]), ("set", ["samples.guidance_interval=[0, 10]"], [0, 10])):
+        assert cli.main(["finetune", "diffusion", "--base", str(tmp_path / "base"), "--config",
+                         str(write_yaml(tmp_path / f"{name}.yaml", config)), "--out", str(tmp_path / name),
+                         *extra]) == 0
+        assert json.loads((tmp_path / name / "final" / "config.json").read_text())["config"][
+            "guidance_interval"] == expected
