@@ -46,9 +46,7 @@ def run_sample(args) -> None:
 
         from .recipes.text2img_sample import sample_images
 
-        interval = tuple(args.guidance_interval) if args.guidance_interval else None
-        if interval is not None and interval[0] > interval[1]:
-            raise UserError(f"--guidance-interval needs T_LOW <= T_HIGH, got {interval[0]} {interval[1]}")
+        interval = _guidance_interval(args)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             paths = sample_images(args.checkpoint, args.prompts, args.out, num_images_per_prompt=args.n,
@@ -75,11 +73,8 @@ def _run_unclip_sample(args) -> None:
 
     from .recipes.unclip_sample import sample_unclip_images, sample_variations
 
-    interval = tuple(args.guidance_interval) if getattr(args, "guidance_interval", None) else None
-    if interval is not None and interval[0] > interval[1]:
-        raise UserError(f"--guidance-interval needs T_LOW <= T_HIGH, got {interval[0]} {interval[1]}")
-    options = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance, guidance_interval=interval,
-                   eta=args.eta, seed=args.seed)
+    options = dict(sampler=args.sampler, steps=args.steps, guidance_scale=args.guidance,
+                   guidance_interval=_guidance_interval(args), eta=args.eta, seed=args.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if args.model == "variations":
@@ -103,6 +98,16 @@ def _run_unclip_sample(args) -> None:
                                          **options)
     _print_warnings(caught)
     print(f"wrote {len(paths)} images and grid.png to {args.out}")
+
+
+def _guidance_interval(args) -> tuple[int, int] | None:
+    """--guidance-interval as (t_low, t_high), None when not given (or not a flag of the command)."""
+    interval = getattr(args, "guidance_interval", None)
+    if not interval:
+        return None
+    if interval[0] > interval[1]:
+        raise UserError(f"--guidance-interval needs T_LOW <= T_HIGH, got {interval[0]} {interval[1]}")
+    return tuple(interval)
 
 
 def _negative_prompt(negative_prompts: list[str] | None) -> str | list[str] | None:

@@ -334,14 +334,14 @@ def check_sampling_defaults(guidance_scale: float | None, sampler: str, sampling
         raise ValueError(f"sampling_steps must be an integer >= 1, got {sampling_steps!r}")
 
 
-def check_guidance_interval(interval, label: str = "guidance_interval") -> None:
+def check_guidance_interval(interval) -> None:
     """ValueError unless `interval` is None or [t_low, t_high], integers with 0 <= t_low <= t_high."""
     if interval is None:
         return
     if (not isinstance(interval, (list, tuple)) or len(interval) != 2
             or any(isinstance(t, bool) or not isinstance(t, int) for t in interval)
             or not 0 <= interval[0] <= interval[1]):
-        raise ValueError(f"{label} must be [t_low, t_high], integers with 0 <= t_low <= t_high, or null; "
+        raise ValueError(f"guidance_interval must be [t_low, t_high], integers with 0 <= t_low <= t_high, or null; "
                          f"got {interval!r}")
 
 

@@ -13,20 +13,15 @@ import mmgen
 from mmgen import cli
 from mmgen.pipelines import unclip as unclip_pipeline
 from mmgen.pipelines.unclip import DecoderPipeline
-from tests.clip.helpers import make_clip
 from tests.diffusion.helpers import older_folder
-from tests.diffusion.unclip_helpers import TINY_DECODER_RECIPE, write_config
+from tests.diffusion.unclip_helpers import TINY_DECODER_RECIPE, train_decoder_run, write_config
 
 
 @pytest.fixture(scope="module")
 def decoder_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("decoder")
-    make_clip(0).save_pretrained(folder / "clip")
-    config = write_config(folder, TINY_DECODER_RECIPE, folder / "clip", "decoder")
-    assert cli.main(["train", "decoder", "--config", str(config), "--out", str(folder / "run"), "samples.count=3",
-                     "samples.sampler=ddpm", "samples.steps=3", "samples.guidance_choices=[4.0, 0.0, 2.0]",
-                     "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2"]) == 0
-    return folder
+    return train_decoder_run(tmp_path_factory.mktemp("decoder"), "samples.count=3", "samples.sampler=ddpm",
+                             "samples.steps=3", "samples.guidance_choices=[4.0, 0.0, 2.0]", "train.max_steps=4",
+                             "train.eval_every=2", "train.checkpoint_every=2")
 
 
 def test_a_checkpoint_records_the_guidance_its_evaluation_chose(decoder_run):

@@ -15,9 +15,8 @@ from mmgen.errors import UserError
 from mmgen.pipelines import TextToImagePipeline
 from mmgen.pipelines import unclip as unclip_pipeline
 from mmgen.pipelines.unclip import DecoderPipeline
-from tests.clip.helpers import make_clip
 from tests.diffusion.helpers import older_folder, tiny_text2img
-from tests.diffusion.unclip_helpers import TINY_DECODER_RECIPE, write_config
+from tests.diffusion.unclip_helpers import TINY_DECODER_RECIPE, train_decoder_run, write_config
 from tests.finetune.helpers import FAST_TRAIN, write_yaml
 
 INTERVAL = [0, 20]  # of the tiny decoder's 50 training timesteps
@@ -25,13 +24,8 @@ INTERVAL = [0, 20]  # of the tiny decoder's 50 training timesteps
 
 @pytest.fixture(scope="module")
 def decoder_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("decoder-interval")
-    make_clip(0).save_pretrained(folder / "clip")
-    config = write_config(folder, TINY_DECODER_RECIPE, folder / "clip", "decoder")
-    assert cli.main(["train", "decoder", "--config", str(config), "--out", str(folder / "run"), "samples.count=2",
-                     "samples.sampler=ddpm", "samples.steps=4", "samples.guidance_scale=4.0",
-                     f"samples.guidance_interval={INTERVAL}"]) == 0
-    return folder
+    return train_decoder_run(tmp_path_factory.mktemp("decoder-interval"), "samples.count=2", "samples.sampler=ddpm",
+                             "samples.steps=4", "samples.guidance_scale=4.0", f"samples.guidance_interval={INTERVAL}")
 
 
 def embeddings_of(decoder, count: int = 2) -> torch.Tensor:

@@ -64,6 +64,14 @@ def write_config(folder, recipe: dict, clip_folder, name: str):
     return path
 
 
+def train_decoder_run(folder, *overrides: str):
+    """folder/clip (make_clip(0)) and folder/run: TINY_DECODER_RECIPE trained on it with `overrides`."""
+    make_clip(0).save_pretrained(folder / "clip")
+    config = write_config(folder, TINY_DECODER_RECIPE, folder / "clip", "decoder")
+    assert cli.main(["train", "decoder", "--config", str(config), "--out", str(folder / "run"), *overrides]) == 0
+    return folder
+
+
 def train_unclip_runs(folder):
     """folder/clip (make_clip(0)), and folder/prior (4 steps) and folder/decoder (2 steps) trained on it."""
     make_clip(0).save_pretrained(folder / "clip")
