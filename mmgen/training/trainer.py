@@ -280,7 +280,8 @@ class Trainer(Checkpoints):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
-                    self.ema.update(accelerator.unwrap_model(model), self.step)
+                    # keep_torch_compile=False: a compiled module names its weights _orig_mod.*
+                    self.ema.update(accelerator.unwrap_model(model, keep_torch_compile=False), self.step)
                 self.step += 1
                 self._window_loss += step_loss
                 window_steps += 1

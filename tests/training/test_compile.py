@@ -45,3 +45,15 @@ def test_a_failing_compiler_is_one_line(tmp_path, monkeypatch):
         train("gpt", tmp_path / "run", compile=True)
     assert not (tmp_path / "run" / "final").exists()
     torch._dynamo.reset()  # forget the failed frames for later tests
+
+
+def test_compiled_training_keeps_an_ema(tmp_path):
+    """The EMA follows the compiled model's weights (it failed on their _orig_mod. names) and equals eager's EMA."""
+    eager = train("gpt", tmp_path / "eager", ema_decay=0.9)
+    compiled = train("gpt", tmp_path / "compiled", compile=True, ema_decay=0.9)
+    assert type(compiled.prepared_model).__name__ == "OptimizedModule"
+    a, b = weights(tmp_path / "eager" / "final"), weights(tmp_path / "compiled" / "final")
+    assert max_difference(a, b) < 1e-4
+    step = tmp_path / "compiled" / "checkpoints" / "step-2"
+    average, raw = weights(step, "ema.safetensors"), weights(step)
+    assert max_difference(average, {name: raw[name] for name in average}) > 1e-5  # it averaged
