@@ -29,14 +29,24 @@ class DiffusionLossConfig:
     offset_noise: the noise gets `offset_noise` times a per-(sample, channel) constant normal draw added (Guttenberg
     2023: lets a model learn very dark or bright images); it is part of the forward process, in evaluation too.
     input_perturbation: in training the network sees x_t made with noise + `input_perturbation` * a fresh normal draw,
-    while the target keeps the plain noise (Ning et al. 2023, against exposure bias)."""
+    while the target keeps the plain noise (Ning et al. 2023, against exposure bias).
+    timestep_sampling: "uniform" draws training timesteps uniformly; "logit_normal" draws t = T * sigmoid(u), u ~
+    N(logit_mean, logit_std) (Esser et al. 2024, diffusers' compute_density_for_timestep_sampling), which trains the
+    middle noise levels, where a sample's layout and shapes are decided, more often than the ends."""
 
     caption_dropout: float = 0.1  # this fraction of training captions is replaced by the empty prompt
     min_snr_gamma: float | None = None  # e.g. 5.0
     offset_noise: float = 0.0  # e.g. 0.05-0.1
     input_perturbation: float = 0.0  # e.g. 0.1
+    timestep_sampling: str = "uniform"  # or "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self):
+        if self.timestep_sampling not in ("uniform", "logit_normal"):
+            raise ValueError(f"timestep_sampling must be uniform or logit_normal, got {self.timestep_sampling!r}")
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std must be positive, got {self.logit_std}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"caption_dropout must lie in [0, 1], got {self.caption_dropout}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
@@ -82,11 +92,19 @@ class DenoisingLoss:
         """(loss, {}): the loss_fn form (loss, metrics) every mmgen objective returns."""
         caption_mask = _dropout_mask(self.rows(batch), self.config.caption_dropout) if model.training else None
         x0 = self.clean_samples_of(batch)
-        t = torch.randint(0, self.schedule.num_train_timesteps, (len(x0),), device=x0.device)
+        t = self.timesteps(len(x0), x0.device)
         noise, input_noise = self.noise(x0, training=model.training)
         output = model(self.schedule.add_noise(x0, input_noise, t), t, *self.condition_inputs(batch, caption_mask))
         target = self.schedule.target(x0, noise, t)
         return diffusion_loss(output, target, t, self.schedule, self.config.min_snr_gamma), {}
+
+    def timesteps(self, count: int, device: torch.device) -> torch.Tensor:
+        """(count,) training timesteps in [0, T), drawn as loss.timestep_sampling says from torch's RNG."""
+        steps = self.schedule.num_train_timesteps
+        if self.config.timestep_sampling == "uniform":
+            return torch.randint(0, steps, (count,), device=device)
+        u = torch.normal(self.config.logit_mean, self.config.logit_std, (count,), device=device).sigmoid()
+        return (u * steps).long().clamp(max=steps - 1)
 
     def noise(self, x0: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(the noise of the target, the noise x_t is made with): the same tensor unless input perturbation is on.

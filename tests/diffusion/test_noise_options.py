@@ -129,3 +129,30 @@ def test_offset_noise_and_input_perturbation_match_diffusers_training_script(off
 def test_offset_noise_on_the_prior_is_a_config_error():
     with pytest.raises(ConfigError, match="offset_noise"):
         PriorLoss(Recorder(NoiseSchedule()), DiffusionLossConfig(offset_noise=0.1))
+
+
+def test_logit_normal_timesteps_match_diffusers():
+    """loss.timestep_sampling=logit_normal draws SD3's timesteps: diffusers' compute_density_for_timestep_sampling
+    on the same RNG state, times T; uniform stays torch.randint (the draws of earlier runs)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    schedule = NoiseSchedule()
+    model = type("Model", (), {"schedule": schedule})()
+    loss = DenoisingLoss(model, DiffusionLossConfig(timestep_sampling="logit_normal", logit_mean=0.4, logit_std=1.3))
+    torch.manual_seed(7)
+    drawn = loss.timesteps(4096, torch.device("cpu"))
+    u = compute_density_for_timestep_sampling("logit_normal", 4096, 0.4, 1.3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(drawn, (u * schedule.num_train_timesteps).long())
+    assert 0 <= drawn.min() and drawn.max() < schedule.num_train_timesteps
+    assert 550 < drawn.float().mean() < 650  # sigmoid(0.4) ~ 0.6: the middle, shifted towards noise
+    uniform = DenoisingLoss(model, DiffusionLossConfig())
+    torch.manual_seed(7)
+    assert torch.equal(uniform.timesteps(64, torch.device("cpu")), torch.randint(0, 1000, (64,),
+                                                                                 generator=torch.Generator().manual_seed(7)))
+
+
+@pytest.mark.parametrize("options, message", [({"timestep_sampling": "lognormal"}, "timestep_sampling must be"),
+                                              ({"timestep_sampling": "logit_normal", "logit_std": 0}, "logit_std")])
+def test_bad_timestep_sampling_is_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionLossConfig(**options)

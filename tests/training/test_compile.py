@@ -49,7 +49,7 @@ def test_a_failing_compiler_is_one_line(tmp_path, monkeypatch):
 
 def test_compiled_training_keeps_an_ema(tmp_path):
     """The EMA follows the compiled model's weights (it failed on their _orig_mod. names) and equals eager's EMA."""
-    eager = train("gpt", tmp_path / "eager", ema_decay=0.9)
+    train("gpt", tmp_path / "eager", ema_decay=0.9)
     compiled = train("gpt", tmp_path / "compiled", compile=True, ema_decay=0.9)
     assert type(compiled.prepared_model).__name__ == "OptimizedModule"
     a, b = weights(tmp_path / "eager" / "final"), weights(tmp_path / "compiled" / "final")
