@@ -31,8 +31,8 @@ class DiffusionLossConfig:
     input_perturbation: in training the network sees x_t made with noise + `input_perturbation` * a fresh normal draw,
     while the target keeps the plain noise (Ning et al. 2023, against exposure bias).
     timestep_sampling: "uniform" draws training timesteps uniformly; "logit_normal" draws t = T * sigmoid(u), u ~
-    N(logit_mean, logit_std) (Esser et al. 2024, diffusers' compute_density_for_timestep_sampling), which trains the
-    middle noise levels, where a sample's layout and shapes are decided, more often than the ends."""
+    N(logit_mean, logit_std) (Esser et al. 2024, diffusers' compute_density_for_timestep_sampling): the middle noise
+    levels more often than the ends (on the quickstart's shapes it did not help: docs/benchmarks.md)."""
 
     caption_dropout: float = 0.1  # this fraction of training captions is replaced by the empty prompt
     min_snr_gamma: float | None = None  # e.g. 5.0
