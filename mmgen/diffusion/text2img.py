@@ -54,6 +54,12 @@ class TextToImageConfig:
     use_clipped_model_output (mmgen's: "trailing", 0, clipped to sample_range, True, True; a converted Stable Diffusion
     folder's are its scheduler's, and DDIM keeps the network's epsilon as StableDiffusionPipeline does). See
     SamplerConfig.
+
+    pixel_shift and pixel_scale (pixel models only): the UNet denoises (images - pixel_shift) * pixel_scale, as a
+    latent model denoises its VAE's latents scaled by the VAE's scaling factor. The noise schedule assumes data of
+    about a natural image's spread (std ~0.5 in [-1, 1]); dark, low-contrast images (a small shape on a dark
+    background: std ~0.2) sit under the noise for most of it, and scaling them up gives the model more of the
+    schedule to learn the content in (docs/benchmarks.md, the quickstart). The defaults (0, 1) are the images.
     """
 
     image_size: int = 64
@@ -76,6 +82,8 @@ class TextToImageConfig:
     sampler: str = "ddim"  # the default sampler's kind and steps (a recipe stores those of its evaluation grid)
     sampling_steps: int = 50
     guidance_interval: list[int] | None = None  # guide only at timesteps t_low..t_high (None: at every step)
+    pixel_shift: float = 0.0  # pixel models: the UNet denoises (images - pixel_shift) * pixel_scale (see below)
+    pixel_scale: float = 1.0
 
     def __post_init__(self):
         factor = self.unet.downsampling  # the UNet's downsampling (its patch size times 2 per level)
@@ -91,6 +99,11 @@ class TextToImageConfig:
             if self.unet.in_channels != self.vae.latent_channels:
                 raise ValueError(f"unet.in_channels ({self.unet.in_channels}) must equal the VAE's latent_channels "
                                  f"({self.vae.latent_channels}): the UNet denoises the VAE's latents")
+        if not (math.isfinite(self.pixel_shift) and math.isfinite(self.pixel_scale) and self.pixel_scale > 0):
+            raise ValueError(f"pixel_shift must be a finite number and pixel_scale a positive one, got "
+                             f"{self.pixel_shift} and {self.pixel_scale}")
+        if self.vae is not None and (self.pixel_shift, self.pixel_scale) != (0.0, 1.0):
+            raise ValueError("pixel_shift and pixel_scale are for pixel models: a latent model's VAE scales its latents")
         if self.unet.out_channels != self.unet.in_channels:
             raise ValueError(f"unet.out_channels ({self.unet.out_channels}) must equal unet.in_channels "
                              f"({self.unet.in_channels}): the UNet predicts noise shaped like the image")
@@ -194,12 +207,13 @@ class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin
 
     @classmethod
     def from_text_encoder(cls, clip: CLIP, image_size: int, unet: UNetConfig, schedule: NoiseSchedule,
-                          vae: VAE | None = None) -> "TextToImage":
+                          vae: VAE | None = None, pixel_shift: float = 0.0, pixel_scale: float = 1.0) -> "TextToImage":
         """A new model (random UNet) on copies of `clip` (and of `vae`: latent diffusion), with the UNet's context and
         pooled widths set to fit the CLIP."""
         unet = replace(unet, context_dim=clip.config.text.width, pooled_dim=clip.config.embed_dim)
         vae_config = vae.config if vae is not None else None
-        model = cls(TextToImageConfig(image_size, unet, schedule, clip.config, vae_config))
+        model = cls(TextToImageConfig(image_size, unet, schedule, clip.config, vae_config, pixel_shift=pixel_shift,
+                                      pixel_scale=pixel_scale))
         model.text_encoder.load_state_dict(clip.state_dict())
         if vae is not None:
             model.vae.load_state_dict(vae.state_dict())
@@ -211,25 +225,29 @@ class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin
 
     @property
     def sample_range(self) -> float:
-        """Where samplers clip their x0 estimates: [-1, 1] for pixels; for VAE latents, scaled to unit variance by the
-        measured scaling factor, +-4 standard deviations. Unclipped, the first steps from pure noise divide the
-        predicted noise's errors by sqrt(alpha_bar_T) ~ 0 and the latents explode (std ~1e3 after DDIM-50)."""
-        return 1.0 if self.vae is None else LATENT_SAMPLE_RANGE
+        """Where samplers clip their x0 estimates: [-1, 1] for pixels (with pixel_shift and pixel_scale: the largest
+        magnitude of their image, so clipping keeps every pixel in [-1, 1] reachable); for VAE latents, scaled to unit
+        variance by the measured scaling factor, +-4 standard deviations. Unclipped, the first steps from pure noise
+        divide the predicted noise's errors by sqrt(alpha_bar_T) ~ 0 and the latents explode (std ~1e3 after DDIM-50)."""
+        if self.vae is None:
+            return (1.0 + abs(self.config.pixel_shift)) * self.config.pixel_scale
+        return LATENT_SAMPLE_RANGE
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """What the UNet learns to denoise: images (batch, C, H, W) in [-1, 1] themselves, or with a VAE their
-        scaled latents (a posterior sample drawn with `generator`) (batch, latent_channels, H / f, W / f)."""
+        """What the UNet learns to denoise: images (batch, C, H, W) in [-1, 1] (shifted and scaled by pixel_shift and
+        pixel_scale), or with a VAE their scaled latents (a posterior sample drawn with `generator`) (batch, latent_channels, H / f, W / f)."""
         if self.vae is None:
-            return images
+            return (images - self.config.pixel_shift) * self.config.pixel_scale
         return self.vae.encode_latents(images, generator)
 
     def decode_samples(self, samples: torch.Tensor) -> torch.Tensor:
-        """Images in about [-1, 1] from denoised samples: the samples themselves, or the VAE's decoding of latents.
+        """Images in about [-1, 1] from denoised samples: the samples (unscaled and unshifted), or the VAE's decoding of
+        latents.
 
         Differentiable (CLIP guidance backpropagates through the VAE decoder to the latents)."""
         if self.vae is None:
-            return samples
+            return samples / self.config.pixel_scale + self.config.pixel_shift
         return self.vae.decode_latents(samples)
 
     @torch.no_grad()

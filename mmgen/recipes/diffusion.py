@@ -45,6 +45,10 @@ class DiffusionModelSection:
     unet: UNetConfig = field(default_factory=UNetConfig)  # context_dim and pooled_dim come from the text encoder
     schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
     vae: str | None = None  # with a VAE: unet.in_channels and out_channels are its latent_channels
+    # pixel models: the UNet denoises (images - pixel_shift) * pixel_scale (TextToImageConfig), e.g. to bring dark,
+    # low-contrast images to a natural image's spread (std ~0.5 in [-1, 1]); the defaults are the images
+    pixel_shift: float = 0.0
+    pixel_scale: float = 1.0
 
 
 @dataclass
@@ -261,7 +265,8 @@ def check_model_section(clip: CLIP, vae: VAE | None, section: DiffusionModelSect
     """Refuse a model section that does not fit its CLIP and VAE with a ConfigError, before anything is written."""
     try:
         TextToImageConfig(section.image_size, section.unet, section.schedule, clip.config,
-                          vae.config if vae is not None else None)
+                          vae.config if vae is not None else None, pixel_shift=section.pixel_shift,
+                          pixel_scale=section.pixel_scale)
     except ValueError as error:
         raise ConfigError(f"config section 'model': {error}") from None
 
@@ -286,7 +291,8 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
 
     section = recipe.model
     model = run.build_model(lambda: with_sampling_defaults(TextToImage.from_text_encoder(
-        clip, section.image_size, section.unet, section.schedule, vae), recipe.samples), TextToImage)
+        clip, section.image_size, section.unet, section.schedule, vae, section.pixel_shift, section.pixel_scale),
+        recipe.samples), TextToImage)
     describe(model, run.state)
     evaluate = SampleGrid(run.folder.path, prompts, recipe.samples)
     if recipe.data.latent_cache is not None:

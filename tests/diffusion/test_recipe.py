@@ -19,7 +19,8 @@ from tests.test_cli import one_line_error, run_cli
 TINY_DIFFUSION = {
     "model": {"image_size": 16, "unet": {name: list(value) if isinstance(value, tuple) else value
                                          for name, value in TINY_UNET.items()},
-              "schedule": {"num_train_timesteps": 50, "beta_schedule": "squaredcos_cap_v2"}},
+              "schedule": {"num_train_timesteps": 50, "beta_schedule": "squaredcos_cap_v2"},
+              "pixel_shift": -0.5, "pixel_scale": 2.0},
     "data": {"train": "shapes:train:64", "val": "shapes:val:16", "cache": True},
     "loss": {"caption_dropout": 0.2, "min_snr_gamma": 5.0},
     "samples": {"count": 2, "steps": 2},
@@ -57,7 +58,8 @@ def test_training_logs_sample_grids_and_writes_a_text2img_model(trained):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["unet"]["context_dim"] == 64 and saved["model"]["unet"]["pooled_dim"] == 48
     assert (run / "checkpoints" / "step-2" / "ema.safetensors").is_file()
-    assert isinstance(mmgen.load(run), TextToImage)
+    model = mmgen.load(run)
+    assert isinstance(model, TextToImage) and (model.config.pixel_shift, model.config.pixel_scale) == (-0.5, 2.0)
 
 
 def test_resume_needs_no_clip_folder_and_matches_an_uninterrupted_run(trained, tmp_path):
@@ -133,6 +135,7 @@ def test_train_refuses_a_text_encoder_that_is_not_a_clip(trained, tmp_path, caps
         ([f"model.text_encoder={trained / 'clip'}", "model.unet.context_dim=32"], "model.unet.context_dim is set by"),
         ([f"model.text_encoder={trained / 'clip'}", "samples.steps=80"], "samples.steps (80) exceeds the 50"),
         ([f"model.text_encoder={trained / 'clip'}", "loss.caption_dropout=2"], "caption_dropout must lie in [0, 1]"),
+        ([f"model.text_encoder={trained / 'clip'}", "model.pixel_scale=0"], "pixel_scale a positive one, got -0.5 and 0"),
     ]
     for overrides, fragment in cases:
         code, _, err = run_cli(["train", "diffusion", "--config", config, "--out", tmp_path / "run", *overrides], capsys)
