@@ -238,7 +238,7 @@ class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin
         """What the UNet learns to denoise: images (batch, C, H, W) in [-1, 1] (shifted and scaled by pixel_shift and
         pixel_scale), or with a VAE their scaled latents (a posterior sample drawn with `generator`) (batch, latent_channels, H / f, W / f)."""
         if self.vae is None:
-            return (images - self.config.pixel_shift) * self.config.pixel_scale
+            return images if self._unscaled else (images - self.config.pixel_shift) * self.config.pixel_scale
         return self.vae.encode_latents(images, generator)
 
     def decode_samples(self, samples: torch.Tensor) -> torch.Tensor:
@@ -247,8 +247,13 @@ class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin
 
         Differentiable (CLIP guidance backpropagates through the VAE decoder to the latents)."""
         if self.vae is None:
-            return samples / self.config.pixel_scale + self.config.pixel_shift
+            return samples if self._unscaled else samples / self.config.pixel_scale + self.config.pixel_shift
         return self.vae.decode_latents(samples)
+
+    @property
+    def _unscaled(self) -> bool:
+        """A pixel model that denoises the images themselves (pixel_shift 0, pixel_scale 1)."""
+        return self.config.pixel_shift == 0.0 and self.config.pixel_scale == 1.0
 
     @torch.no_grad()
     def encode_condition(self, tokens: torch.Tensor) -> TextEncoding:

@@ -19,14 +19,14 @@ from tests.test_cli import one_line_error, run_cli
 TINY_DIFFUSION = {
     "model": {"image_size": 16, "unet": {name: list(value) if isinstance(value, tuple) else value
                                          for name, value in TINY_UNET.items()},
-              "schedule": {"num_train_timesteps": 50, "beta_schedule": "squaredcos_cap_v2"},
-              "pixel_shift": -0.5, "pixel_scale": 2.0},
+              "schedule": {"num_train_timesteps": 50, "beta_schedule": "squaredcos_cap_v2"}},
     "data": {"train": "shapes:train:64", "val": "shapes:val:16", "cache": True},
     "loss": {"caption_dropout": 0.2, "min_snr_gamma": 5.0},
     "samples": {"count": 2, "steps": 2},
     "train": {"batch_size": 8, "max_steps": 4, "lr": 1e-3, "warmup_steps": 1, "eval_every": 2, "eval_batches": 1,
               "log_every": 2, "checkpoint_every": 2, "ema_decay": 0.9, "tensorboard": False, "progress": False},
 }
+PIXELS = ["model.pixel_shift=-0.5", "model.pixel_scale=2.0"]  # the trained run (and its resumed twin) scales pixels
 
 
 def write_config(folder, clip_folder):
@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
     folder = tmp_path_factory.mktemp("diffusion")
     make_clip(0).save_pretrained(folder / "clip")
     config = write_config(folder, folder / "clip")
-    assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(folder / "run")]) == 0
+    assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(folder / "run"), *PIXELS]) == 0
     return folder
 
 
@@ -66,7 +66,8 @@ def test_resume_needs_no_clip_folder_and_matches_an_uninterrupted_run(trained, t
     shutil.copytree(trained / "clip", tmp_path / "clip")
     config = write_config(tmp_path, tmp_path / "clip")
     interrupted = tmp_path / "interrupted"
-    assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(interrupted), "samples.count=0"]) == 0
+    command = ["train", "diffusion", "--config", str(config), "--out", str(interrupted), "samples.count=0", *PIXELS]
+    assert cli.main(command) == 0
     shutil.rmtree(interrupted / "final")
     shutil.rmtree(tmp_path / "clip")  # the checkpoint carries the text encoder
     assert cli.main(["train", "diffusion", "--resume", str(interrupted)]) == 0
@@ -135,7 +136,7 @@ def test_train_refuses_a_text_encoder_that_is_not_a_clip(trained, tmp_path, caps
         ([f"model.text_encoder={trained / 'clip'}", "model.unet.context_dim=32"], "model.unet.context_dim is set by"),
         ([f"model.text_encoder={trained / 'clip'}", "samples.steps=80"], "samples.steps (80) exceeds the 50"),
         ([f"model.text_encoder={trained / 'clip'}", "loss.caption_dropout=2"], "caption_dropout must lie in [0, 1]"),
-        ([f"model.text_encoder={trained / 'clip'}", "model.pixel_scale=0"], "pixel_scale a positive one, got -0.5 and 0"),
+        ([f"model.text_encoder={trained / 'clip'}", "model.pixel_scale=0"], "pixel_scale a positive one, got 0.0 and 0"),
     ]
     for overrides, fragment in cases:
         code, _, err = run_cli(["train", "diffusion", "--config", config, "--out", tmp_path / "run", *overrides], capsys)
