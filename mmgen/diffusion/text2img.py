@@ -236,7 +236,8 @@ class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """What the UNet learns to denoise: images (batch, C, H, W) in [-1, 1] (shifted and scaled by pixel_shift and
-        pixel_scale), or with a VAE their scaled latents (a posterior sample drawn with `generator`) (batch, latent_channels, H / f, W / f)."""
+        pixel_scale), or with a VAE their scaled latents (a posterior sample drawn with `generator`)
+        (batch, latent_channels, H / f, W / f)."""
         if self.vae is None:
             return images if self._unscaled else (images - self.config.pixel_shift) * self.config.pixel_scale
         return self.vae.encode_latents(images, generator)
