@@ -103,7 +103,8 @@ class TextToImageConfig:
             raise ValueError(f"pixel_shift must be a finite number and pixel_scale a positive one, got "
                              f"{self.pixel_shift} and {self.pixel_scale}")
         if self.vae is not None and (self.pixel_shift, self.pixel_scale) != (0.0, 1.0):
-            raise ValueError("pixel_shift and pixel_scale are for pixel models: a latent model's VAE scales its latents")
+            raise ValueError("pixel_shift and pixel_scale are for pixel models: a latent model's VAE scales its "
+                             "latents")
         if self.unet.out_channels != self.unet.in_channels:
             raise ValueError(f"unet.out_channels ({self.unet.out_channels}) must equal unet.in_channels "
                              f"({self.unet.in_channels}): the UNet predicts noise shaped like the image")
@@ -228,7 +229,8 @@ class TextToImage(FrozenCLIPMixin, PromptConditioned, nn.Module, PretrainedMixin
         """Where samplers clip their x0 estimates: [-1, 1] for pixels (with pixel_shift and pixel_scale: the largest
         magnitude of their image, so clipping keeps every pixel in [-1, 1] reachable); for VAE latents, scaled to unit
         variance by the measured scaling factor, +-4 standard deviations. Unclipped, the first steps from pure noise
-        divide the predicted noise's errors by sqrt(alpha_bar_T) ~ 0 and the latents explode (std ~1e3 after DDIM-50)."""
+        divide the predicted noise's errors by sqrt(alpha_bar_T) ~ 0 and the latents explode (std ~1e3 after
+        DDIM-50)."""
         if self.vae is None:
             return (1.0 + abs(self.config.pixel_shift)) * self.config.pixel_scale
         return LATENT_SAMPLE_RANGE

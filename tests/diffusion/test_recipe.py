@@ -136,7 +136,7 @@ def test_train_refuses_a_text_encoder_that_is_not_a_clip(trained, tmp_path, caps
         ([f"model.text_encoder={trained / 'clip'}", "model.unet.context_dim=32"], "model.unet.context_dim is set by"),
         ([f"model.text_encoder={trained / 'clip'}", "samples.steps=80"], "samples.steps (80) exceeds the 50"),
         ([f"model.text_encoder={trained / 'clip'}", "loss.caption_dropout=2"], "caption_dropout must lie in [0, 1]"),
-        ([f"model.text_encoder={trained / 'clip'}", "model.pixel_scale=0"], "pixel_scale a positive one, got 0.0 and 0"),
+        ([f"model.text_encoder={trained / 'clip'}", "model.pixel_scale=0"], "pixel_scale a positive one, got 0.0 and"),
     ]
     for overrides, fragment in cases:
         code, _, err = run_cli(["train", "diffusion", "--config", config, "--out", tmp_path / "run", *overrides], capsys)
