@@ -90,7 +90,8 @@ def generate(pipeline: TextToImagePipeline | UnCLIPPipeline, prompts: list[str],
         options = {"prior_steps": setting["prior_steps"], "prior_guidance_scale": setting["prior_guidance_scale"],
                    "guidance_interval": setting.get("interval")}
     else:
-        options = {"guidance_rescale": setting.get("rescale", 0.0), "guidance_interval": setting.get("interval")}
+        options = {"guidance_rescale": setting.get("rescale", 0.0), "guidance_interval": setting.get("interval"),
+                   "clip_guidance_scale": setting.get("clip_guidance")}
     images = []
     for batch, start in enumerate(range(0, len(prompts), batch_size)):
         images += pipeline(prompts[start : start + batch_size], num_images_per_prompt=images_per_prompt,
@@ -104,8 +105,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[TextToImagePipeline | UnCLI
     if args.decoder is None:
         pipeline = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
         return pipeline, pipeline.model.config.image_size
-    if args.guidance_rescale:
-        raise UserError("--guidance-rescale is for text2img models, not prior + decoder")
+    if args.guidance_rescale or args.clip_guidance is not None:
+        raise UserError("--guidance-rescale and --clip-guidance are for text2img models, not prior + decoder")
     pipeline = UnCLIPPipeline.from_pretrained(args.checkpoint, args.decoder, device=args.device)
     return pipeline, pipeline.decoder.decoder.config.image_size
 
@@ -134,12 +135,15 @@ def run(args: argparse.Namespace) -> dict:
     for setting in settings:
         setting.update(interval=args.guidance_interval)
         if args.decoder is None:
-            setting.update(rescale=args.guidance_rescale)
+            setting.update(rescale=args.guidance_rescale, clip_guidance=args.clip_guidance)
         else:
             setting.update(prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
     count = args.prompts or (8 if args.quick else 64)
     judge = load_or_train_judge(args.judge_size, args.judge_cache)
     pipeline, image_size = load_pipeline(args)
+    if args.decoder is None and args.clip_guidance is None:  # recorded as used: the model's stored one
+        for setting in settings:
+            setting.update(clip_guidance=pipeline.model.config.clip_guidance_scale)
     # warm-up, so the first setting's time is not start-up
     generate(pipeline, ["a red circle"], {**settings[0], "steps": 1}, 1, 1, args.seed)
     results = {
@@ -187,6 +191,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, help="prompts per prompt set (default 64; 8 with --quick)")
     parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="CFG rescale in [0, 1] (all settings)")
+    parser.add_argument("--clip-guidance", type=float,
+                        help="CLIP guidance scale with the model's own CLIP (text2img; all settings; default: the "
+                             "model's stored one, config.json's clip_guidance_scale)")
     parser.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LOW", "T_HIGH"),
                         help="guide only at timesteps T_LOW..T_HIGH (all settings)")
     parser.add_argument("--train-prompts", action="store_true",

@@ -172,7 +172,9 @@ def _add_sample(commands) -> None:
     text2img.add_argument("--guidance-interval", type=non_negative_int, nargs=2, metavar=("T_LOW", "T_HIGH"),
                           help="apply classifier-free guidance only at timesteps T_LOW..T_HIGH (default: the "
                                "model's stored interval, if any; else every step)")
-    text2img.add_argument("--clip-guidance", type=non_negative_float, default=0.0, help="CLIP guidance scale")
+    text2img.add_argument("--clip-guidance", type=non_negative_float,
+                          help="CLIP guidance scale (default: the model's stored one, config.json's "
+                               "clip_guidance_scale; 0: none)")
     text2img.add_argument("--clip-model", help="CLIP folder for --clip-guidance (default: the text encoder)")
     text2img.add_argument("--negative-prompt", action="append", dest="negative_prompts", metavar="TEXT",
                           help="what guidance steers away from, in place of the empty prompt: one for all prompts, or "

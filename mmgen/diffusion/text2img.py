@@ -47,7 +47,8 @@ class TextToImageConfig:
     text states of an earlier layer (SD's "clip skip"; SD 2's converted text encoder already ends at the penultimate).
 
     Sampling defaults stored with the model: guidance_scale (and guidance_interval [t_low, t_high]: guide only at those
-    timesteps; None: at every step), and its default sampler's kind and steps (sampler,
+    timesteps; None: at every step), clip_guidance_scale (CLIP guidance with the model's own CLIP, which needs its
+    image tower; 0: none), and its default sampler's kind and steps (sampler,
     sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's), timestep spacing and steps_offset, x0
     clipping (clip_sample_range None: the model's sample_range) or dynamic thresholding (thresholding,
     dynamic_thresholding_ratio, sample_max_value: it wins over clipping), DDIM's set_alpha_to_one and
@@ -82,6 +83,7 @@ class TextToImageConfig:
     sampler: str = "ddim"  # the default sampler's kind and steps (a recipe stores those of its evaluation grid)
     sampling_steps: int = 50
     guidance_interval: list[int] | None = None  # guide only at timesteps t_low..t_high (None: at every step)
+    clip_guidance_scale: float = 0.0  # the default CLIP guidance with the model's own CLIP (0: none)
     pixel_shift: float = 0.0  # pixel models: the UNet denoises (images - pixel_shift) * pixel_scale (see below)
     pixel_scale: float = 1.0
 
@@ -115,6 +117,10 @@ class TextToImageConfig:
             raise ValueError(f"unet.pooled_dim is {self.unet.pooled_dim}, the text encoder needs "
                              f"{self.text_encoder.embed_dim} (or null: no pooled text embedding)")
         check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps, self.guidance_interval)
+        if not (math.isfinite(self.clip_guidance_scale) and self.clip_guidance_scale >= 0):
+            raise ValueError(f"clip_guidance_scale must be a finite number >= 0, got {self.clip_guidance_scale}")
+        if self.clip_guidance_scale > 0 and self.text_encoder.vision is None:
+            raise ValueError("clip_guidance_scale needs a CLIP with an image tower; this text encoder has none")
         if self.timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:

@@ -68,7 +68,7 @@ class TextToImagePipeline:
         guidance_scale: float | None = None,
         guidance_interval: tuple[int, int] | None = None,
         guidance_rescale: float = 0.0,
-        clip_guidance_scale: float = 0.0,
+        clip_guidance_scale: float | None = None,
         eta: float | None = None,
         seed: int = 0,
         latents: torch.Tensor | None = None,
@@ -86,7 +86,8 @@ class TextToImagePipeline:
         guidance_interval (t_low, t_high) and guidance_rescale: see mmgen.diffusion.guidance.classifier_free_guidance;
         guidance_interval None: the model's stored one (config.json's guidance_interval; None there: every step).
         `guidance_scale` None: the model's stored default (config.json's guidance_scale, chosen by its training run's
-        evaluation), else 3.
+        evaluation), else 3. `clip_guidance_scale` None: the model's stored one (config.json's clip_guidance_scale, 0
+        unless its recipe set one); CLIP guidance uses the pipeline's `clip`.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if output_type not in ("pil", "pt"):
@@ -96,6 +97,8 @@ class TextToImagePipeline:
         model, config = self.model, self.model.config
         if guidance_scale is None:  # the model's own default, chosen by its recipe's evaluation
             guidance_scale = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE
+        if clip_guidance_scale is None:
+            clip_guidance_scale = config.clip_guidance_scale
         chosen = self.sampler.override(kind=sampler, steps=steps, eta=eta).build(config.schedule, model.sample_range)
         if guidance_scale < 0 or clip_guidance_scale < 0:
             raise UserError(f"guidance scales must be >= 0, got {guidance_scale} and {clip_guidance_scale}")

@@ -11,6 +11,7 @@ model beside the CLIP, and the UNet learns to denoise its latents (`mmgen train 
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -104,6 +105,10 @@ class SampleGridConfig:
     # guide only at timesteps [t_low, t_high] (Kynkäänniemi et al. 2024), stored with the model; None: every step for
     # a new model, and a fine-tuned base keeps the interval it has
     guidance_interval: list[int] | None = None
+    # CLIP guidance with the model's own CLIP (text-to-image models) for the grid, stored with the model as its
+    # default (config.json's clip_guidance_scale); None: none for the grid, and the model keeps what it has (a new
+    # model: 0)
+    clip_guidance_scale: float | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -116,6 +121,13 @@ class SampleGridConfig:
             raise ValueError(f"guidance_choices must be a non-empty list of scales >= 0 or null, "
                              f"got {self.guidance_choices}")
         check_guidance_interval(self.guidance_interval)
+        if self.clip_guidance_scale is not None:
+            if not (math.isfinite(self.clip_guidance_scale) and self.clip_guidance_scale >= 0):
+                raise ValueError(f"clip_guidance_scale must be a finite number >= 0 or null, got "
+                                 f"{self.clip_guidance_scale}")
+            if self.clip_guidance_scale > 0 and self.guidance_choices:
+                raise ValueError("guidance_choices are judged by the model's own CLIP, which clip_guidance_scale "
+                                 "steers the samples towards: set one or the other")
 
 
 @dataclass
@@ -158,11 +170,14 @@ class SampleGrid:
         config, metrics = self.config, {}
         if config.guidance_interval is not None:  # the grid's, also when a resumed run changed it
             model.config.guidance_interval = config.guidance_interval
+        if config.clip_guidance_scale is not None:  # the same
+            model.config.clip_guidance_scale = config.clip_guidance_scale
         if config.guidance_choices:
             metrics = self.choose_guidance(model)
         guidance = model.config.guidance_scale if config.guidance_choices else config.guidance_scale
         images = TextToImagePipeline(model)(self.prompts, sampler=config.sampler, steps=config.steps,
-                                            guidance_scale=guidance, seed=config.seed, progress=False)
+                                            guidance_scale=guidance, seed=config.seed, progress=False,
+                                            clip_guidance_scale=config.clip_guidance_scale or 0.0)
         path = self.run_dir / "samples" / f"step-{step}.png"
         save_png(make_grid(images), path)
         return {**metrics, "samples/grid": str(path.relative_to(self.run_dir))}
@@ -183,8 +198,8 @@ class SampleGrid:
 
         def accuracy(scale: float) -> float:
             images = TextToImagePipeline(model)(self.prompts, sampler=config.sampler, steps=config.steps,
-                                                guidance_scale=scale, seed=config.seed, progress=False,
-                                                output_type="pt")
+                                                guidance_scale=scale, clip_guidance_scale=0.0, seed=config.seed,
+                                                progress=False, output_type="pt")
             embeddings = clip.encode_image(clip_input(images.to(device), clip.config.vision.image_size))
             return ((embeddings @ text.T).argmax(dim=1) == answers).float().mean().item()
 
@@ -282,6 +297,9 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
         recipe.model.unet = _unet_for(clip, recipe.model.unet)
         vae = load_vae(recipe.model.vae, recipe.model.unet) if recipe.model.vae is not None else None
         check_model_section(clip, vae, recipe.model)
+        if recipe.samples.clip_guidance_scale and clip.config.vision is None:
+            raise ConfigError(f"samples.clip_guidance_scale needs a CLIP with an image tower; model.text_encoder="
+                              f"{recipe.model.text_encoder} is a text encoder alone")
     data = recipe.data
     if data.latent_cache is not None:
         check_latent_cache_options(recipe.model.vae is not None, data)
@@ -339,6 +357,8 @@ def with_sampling_defaults(model, samples: SampleGridConfig):
     model.config.sampler, model.config.sampling_steps = samples.sampler, samples.steps
     model.config.guidance_scale = samples.guidance_scale
     model.config.guidance_interval = samples.guidance_interval
+    if samples.clip_guidance_scale is not None:
+        model.config.clip_guidance_scale = samples.clip_guidance_scale
     return model
 
 

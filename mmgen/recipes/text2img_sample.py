@@ -9,7 +9,7 @@ import torch
 from ..data.images import make_grid
 from ..errors import UserError
 from ..io import write_json
-from ..pipelines.text2img import TextToImagePipeline
+from ..pipelines.text2img import DEFAULT_GUIDANCE_SCALE, TextToImagePipeline
 from ..run_folder import check_output_path, new_output_folder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,9 +29,15 @@ def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_pro
         images = pipeline(prompts, num_images_per_prompt=num_images_per_prompt, **options)
         entries = [{"prompt": prompts[index // num_images_per_prompt]} for index in range(len(images))]
         used = pipeline.sampler.override(kind=options.get("sampler"), steps=options.get("steps"))
+        stored = pipeline.model.config
         record = {"checkpoint": str(checkpoint), "adapter": adapter and str(adapter),
                   "num_images_per_prompt": num_images_per_prompt, "dtype": dtype, **options,
                   "sampler": used.kind, "steps": used.steps}  # the model's stored defaults where none was given
+        if options.get("clip_guidance_scale") is None:
+            record["clip_guidance_scale"] = stored.clip_guidance_scale
+        if options.get("guidance_scale") is None:
+            record["guidance_scale"] = (stored.guidance_scale if stored.guidance_scale is not None
+                                        else DEFAULT_GUIDANCE_SCALE)
         names = write_samples(staging, images, entries, num_images_per_prompt if len(prompts) > 1 else None, record)
     return [out_dir / name for name in names]
 

@@ -250,6 +250,7 @@ def test_train_decoder_bad_inputs_are_one_line(runs, tmp_path, capsys):
         ([f"model.clip={runs / 'clip'}", "model.image_size=9"], "image_size must be a positive multiple of 2"),
         ([f"model.clip={runs / 'clip'}", "loss.image_embedding_dropout=2"], "image_embedding_dropout must lie in"),
         ([f"model.clip={runs / 'clip'}", "samples.prompts=[a]"], "samples.prompts is not used by the decoder"),
+        ([f"model.clip={runs / 'clip'}", "samples.clip_guidance_scale=2"], "is for text-to-image models"),
     ]
     for overrides, fragment in cases:
         code, _, err = run_cli(["train", "decoder", "--config", config, "--out", tmp_path / "run", *overrides], capsys)

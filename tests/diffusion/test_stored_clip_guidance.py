@@ -1,0 +1,95 @@
+"""A text-to-image model's default CLIP guidance: samples.clip_guidance_scale is stored in config.json by its training
+run and used by the pipeline, `mmgen sample text2img` and its grid when no scale is given; bad values and text
+encoders without an image tower are refused in one line."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import mmgen
+from mmgen import cli
+from mmgen.pipelines import text2img as text2img_pipeline
+from mmgen.pipelines.text2img import TextToImagePipeline
+from tests.clip.helpers import make_clip
+from tests.diffusion.test_recipe import write_config
+
+
+@pytest.fixture
+def trained(tmp_path):
+    make_clip(0).save_pretrained(tmp_path / "clip")
+    config = write_config(tmp_path, tmp_path / "clip")
+    run = tmp_path / "run"
+    assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(run), "samples.count=2",
+                     "samples.steps=2", "samples.clip_guidance_scale=40", "train.max_steps=2"]) == 0
+    return tmp_path, config, run
+
+
+def test_the_run_stores_it_and_the_pipeline_uses_it(trained, monkeypatch):
+    tmp_path, _, run = trained
+    stored = json.loads((run / "final" / "config.json").read_text())["config"]
+    assert stored["clip_guidance_scale"] == 40
+    model = mmgen.load(run)
+    assert model.config.clip_guidance_scale == 40
+    used = []
+    original = text2img_pipeline.clip_guidance
+
+    def recording(model_fn, schedule, score_fn, guidance_scale):
+        used.append(guidance_scale)
+        return original(model_fn, schedule, score_fn, guidance_scale)
+
+    monkeypatch.setattr(text2img_pipeline, "clip_guidance", recording)
+    pipeline = TextToImagePipeline(model)
+    sample = lambda **options: pipeline(["a red circle", "a blue square"], steps=3, progress=False,
+                                        output_type="pt", seed=3, **options)
+    default = sample()
+    assert used == [40]
+    torch.testing.assert_close(default, sample(clip_guidance_scale=40.0), rtol=0, atol=0)
+    unguided = sample(clip_guidance_scale=0.0)
+    assert used == [40, 40]  # 0: no CLIP guidance wrapper at all
+    assert (default - unguided).abs().max() > 1e-4  # the stored scale is what changed the images
+    out = tmp_path / "samples"
+    assert cli.main(["sample", "text2img", "--checkpoint", str(run), "--prompt", "a red circle", "--n", "1",
+                     "--steps", "2", "--out", str(out)]) == 0
+    record = json.loads((out / "samples.json").read_text())
+    assert record["clip_guidance_scale"] == 40 and used[-1] == 40
+    assert record["guidance_scale"] == model.config.guidance_scale  # recorded as used, not as null
+    out = tmp_path / "samples-off"
+    assert cli.main(["sample", "text2img", "--checkpoint", str(run), "--prompt", "a red circle", "--n", "1",
+                     "--steps", "2", "--clip-guidance", "0", "--out", str(out)]) == 0
+    assert json.loads((out / "samples.json").read_text())["clip_guidance_scale"] == 0
+    assert used[-1] == 40 and len(used) == 3  # the second command added none
+
+
+def test_a_folder_without_the_key_samples_without_clip_guidance(trained):
+    _, _, run = trained
+    meta = json.loads((run / "final" / "config.json").read_text())
+    del meta["config"]["clip_guidance_scale"]
+    (run / "final" / "config.json").write_text(json.dumps(meta))
+    assert mmgen.load(run / "final").config.clip_guidance_scale == 0.0
+
+
+def test_bad_values_are_one_line(trained, capsys):
+    tmp_path, config, _ = trained
+    capsys.readouterr()
+    for value, message in (("-1", "clip_guidance_scale must be a finite number >= 0"),
+                           ("nan", "'samples.clip_guidance_scale' must be a finite number")):
+        assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(tmp_path / "bad"),
+                         f"samples.clip_guidance_scale={value}"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(tmp_path / "bad"),
+                     "samples.clip_guidance_scale=5", "samples.guidance_choices=[1.0, 3.0]"]) == 2
+    assert "set one or the other" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_text_encoder_without_an_image_tower_is_refused(trained):
+    config = mmgen.load(trained[2]).config
+    text_only = replace(config.text_encoder, vision=None)
+    with pytest.raises(ValueError, match="needs a CLIP with an image tower"):
+        replace(config, text_encoder=text_only, clip_guidance_scale=2.0)
+    assert replace(config, text_encoder=text_only, clip_guidance_scale=0.0).clip_guidance_scale == 0.0
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        replace(config, clip_guidance_scale=float("inf"))
