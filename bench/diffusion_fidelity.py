@@ -91,7 +91,7 @@ def generate(pipeline: TextToImagePipeline | UnCLIPPipeline, prompts: list[str],
                    "guidance_interval": setting.get("interval")}
     else:
         options = {"guidance_rescale": setting.get("rescale", 0.0), "guidance_interval": setting.get("interval"),
-                   "clip_guidance_scale": setting.get("clip_guidance")}
+                   "clip_guidance_scale": setting.get("clip_guidance"), "clip_rerank": setting.get("clip_rerank")}
     images = []
     for batch, start in enumerate(range(0, len(prompts), batch_size)):
         images += pipeline(prompts[start : start + batch_size], num_images_per_prompt=images_per_prompt,
@@ -105,8 +105,9 @@ def load_pipeline(args: argparse.Namespace) -> tuple[TextToImagePipeline | UnCLI
     if args.decoder is None:
         pipeline = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
         return pipeline, pipeline.model.config.image_size
-    if args.guidance_rescale or args.clip_guidance is not None:
-        raise UserError("--guidance-rescale and --clip-guidance are for text2img models, not prior + decoder")
+    if args.guidance_rescale or args.clip_guidance is not None or args.clip_rerank is not None:
+        raise UserError("--guidance-rescale, --clip-guidance and --clip-rerank are for text2img models, not prior + "
+                        "decoder")
     pipeline = UnCLIPPipeline.from_pretrained(args.checkpoint, args.decoder, device=args.device)
     return pipeline, pipeline.decoder.decoder.config.image_size
 
@@ -135,15 +136,19 @@ def run(args: argparse.Namespace) -> dict:
     for setting in settings:
         setting.update(interval=args.guidance_interval)
         if args.decoder is None:
-            setting.update(rescale=args.guidance_rescale, clip_guidance=args.clip_guidance)
+            setting.update(rescale=args.guidance_rescale, clip_guidance=args.clip_guidance, clip_rerank=args.clip_rerank)
         else:
             setting.update(prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
     count = args.prompts or (8 if args.quick else 64)
     judge = load_or_train_judge(args.judge_size, args.judge_cache)
     pipeline, image_size = load_pipeline(args)
-    if args.decoder is None and args.clip_guidance is None:  # recorded as used: the model's stored one
+    if args.decoder is None:  # recorded as used: the model's stored ones where none was given
+        stored = pipeline.model.config
         for setting in settings:
-            setting.update(clip_guidance=pipeline.model.config.clip_guidance_scale)
+            if setting["clip_guidance"] is None:
+                setting.update(clip_guidance=stored.clip_guidance_scale)
+            if setting["clip_rerank"] is None:
+                setting.update(clip_rerank=stored.clip_rerank)
     # warm-up, so the first setting's time is not start-up
     generate(pipeline, ["a red circle"], {**settings[0], "steps": 1}, 1, 1, args.seed)
     results = {
@@ -194,6 +199,9 @@ def main() -> None:
     parser.add_argument("--clip-guidance", type=float,
                         help="CLIP guidance scale with the model's own CLIP (text2img; all settings; default: the "
                              "model's stored one, config.json's clip_guidance_scale)")
+    parser.add_argument("--clip-rerank", type=int, metavar="K",
+                        help="draw K candidates per image, keep the one the model's CLIP matches best (text2img; all "
+                             "settings; default: the model's stored one, config.json's clip_rerank)")
     parser.add_argument("--guidance-interval", type=int, nargs=2, metavar=("T_LOW", "T_HIGH"),
                         help="guide only at timesteps T_LOW..T_HIGH (all settings)")
     parser.add_argument("--train-prompts", action="store_true",

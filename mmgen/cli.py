@@ -175,6 +175,9 @@ def _add_sample(commands) -> None:
     text2img.add_argument("--clip-guidance", type=non_negative_float,
                           help="CLIP guidance scale (default: the model's stored one, config.json's "
                                "clip_guidance_scale; 0: none)")
+    text2img.add_argument("--clip-rerank", type=positive_int, metavar="K",
+                          help="draw K candidates per image and keep the one CLIP matches best to its prompt (default: "
+                               "the model's stored one, config.json's clip_rerank; 1: none)")
     text2img.add_argument("--clip-model", help="CLIP folder for --clip-guidance (default: the text encoder)")
     text2img.add_argument("--negative-prompt", action="append", dest="negative_prompts", metavar="TEXT",
                           help="what guidance steers away from, in place of the empty prompt: one for all prompts, or "

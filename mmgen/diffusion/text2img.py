@@ -48,7 +48,8 @@ class TextToImageConfig:
 
     Sampling defaults stored with the model: guidance_scale (and guidance_interval [t_low, t_high]: guide only at those
     timesteps; None: at every step), clip_guidance_scale (CLIP guidance with the model's own CLIP, which needs its
-    image tower; 0: none), and its default sampler's kind and steps (sampler,
+    image tower; 0: none), clip_rerank (k candidates per image, the one the model's CLIP matches best to its prompt
+    kept; 1: none), and its default sampler's kind and steps (sampler,
     sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's), timestep spacing and steps_offset, x0
     clipping (clip_sample_range None: the model's sample_range) or dynamic thresholding (thresholding,
     dynamic_thresholding_ratio, sample_max_value: it wins over clipping), DDIM's set_alpha_to_one and
@@ -84,6 +85,7 @@ class TextToImageConfig:
     sampling_steps: int = 50
     guidance_interval: list[int] | None = None  # guide only at timesteps t_low..t_high (None: at every step)
     clip_guidance_scale: float = 0.0  # the default CLIP guidance with the model's own CLIP (0: none)
+    clip_rerank: int = 1  # the default candidates per image, the one the model's CLIP matches best kept (1: none)
     pixel_shift: float = 0.0  # pixel models: the UNet denoises (images - pixel_shift) * pixel_scale (see below)
     pixel_scale: float = 1.0
 
@@ -119,8 +121,11 @@ class TextToImageConfig:
         check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps, self.guidance_interval)
         if not (math.isfinite(self.clip_guidance_scale) and self.clip_guidance_scale >= 0):
             raise ValueError(f"clip_guidance_scale must be a finite number >= 0, got {self.clip_guidance_scale}")
-        if self.clip_guidance_scale > 0 and self.text_encoder.vision is None:
-            raise ValueError("clip_guidance_scale needs a CLIP with an image tower; this text encoder has none")
+        if isinstance(self.clip_rerank, bool) or not isinstance(self.clip_rerank, int) or self.clip_rerank < 1:
+            raise ValueError(f"clip_rerank must be an integer >= 1, got {self.clip_rerank!r}")
+        for name, on in (("clip_guidance_scale", self.clip_guidance_scale > 0), ("clip_rerank", self.clip_rerank > 1)):
+            if on and self.text_encoder.vision is None:
+                raise ValueError(f"{name} needs a CLIP with an image tower; this text encoder has none")
         if self.timestep_spacing not in SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {', '.join(SPACINGS)}, got {self.timestep_spacing!r}")
         if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:

@@ -69,6 +69,7 @@ class TextToImagePipeline:
         guidance_interval: tuple[int, int] | None = None,
         guidance_rescale: float = 0.0,
         clip_guidance_scale: float | None = None,
+        clip_rerank: int | None = None,
         eta: float | None = None,
         seed: int = 0,
         latents: torch.Tensor | None = None,
@@ -87,7 +88,9 @@ class TextToImagePipeline:
         guidance_interval None: the model's stored one (config.json's guidance_interval; None there: every step).
         `guidance_scale` None: the model's stored default (config.json's guidance_scale, chosen by its training run's
         evaluation), else 3. `clip_guidance_scale` None: the model's stored one (config.json's clip_guidance_scale, 0
-        unless its recipe set one); CLIP guidance uses the pipeline's `clip`.
+        unless its recipe set one); CLIP guidance uses the pipeline's `clip`. `clip_rerank` k > 1: draw k candidates
+        per image and keep the one the pipeline's `clip` matches best to its prompt (DALL-E's reranking; k times the
+        sampling); None: the model's stored one (config.json's clip_rerank, 1 unless its recipe set one).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if output_type not in ("pil", "pt"):
@@ -99,6 +102,13 @@ class TextToImagePipeline:
             guidance_scale = config.guidance_scale if config.guidance_scale is not None else DEFAULT_GUIDANCE_SCALE
         if clip_guidance_scale is None:
             clip_guidance_scale = config.clip_guidance_scale
+        if clip_rerank is None:
+            clip_rerank = config.clip_rerank
+        if isinstance(clip_rerank, bool) or not isinstance(clip_rerank, int) or clip_rerank < 1:
+            raise UserError(f"clip_rerank must be an integer >= 1 (candidates per image), got {clip_rerank!r}")
+        if clip_rerank > 1 and latents is not None:
+            raise UserError("latents fix each image's noise, clip_rerank draws several candidates per image: give one "
+                            "or the other")
         chosen = self.sampler.override(kind=sampler, steps=steps, eta=eta).build(config.schedule, model.sample_range)
         if guidance_scale < 0 or clip_guidance_scale < 0:
             raise UserError(f"guidance scales must be >= 0, got {guidance_scale} and {clip_guidance_scale}")
@@ -112,12 +122,13 @@ class TextToImagePipeline:
                 warnings.warn(f"prompt {index + 1} is empty: its images are sampled unconditionally", stacklevel=2)
         parameter = next(model.unet.parameters())
         device, dtype = parameter.device, parameter.dtype
-        batch = [prompt for prompt in prompts for _ in range(num_images_per_prompt)]
+        per_prompt = num_images_per_prompt * clip_rerank  # the candidates of an image are neighbours
+        batch = [prompt for prompt in prompts for _ in range(per_prompt)]
         shape = (len(batch), *self.sample_shape(height, width))
         tokens = tokenize_prompts(batch, model.context_length).to(device)
         negative_inputs = None
         if negative_prompts is not None:
-            negatives = [prompt for prompt in negative_prompts for _ in range(num_images_per_prompt)]
+            negatives = [prompt for prompt in negative_prompts for _ in range(per_prompt)]
             negative_inputs = (tokenize_prompts(negatives, model.context_length).to(device),)
         model_fn = guided_model_fn(model, (tokens,), guidance_scale, negative_inputs=negative_inputs,
                                    interval=guidance_interval, rescale=guidance_rescale)
@@ -135,9 +146,22 @@ class TextToImagePipeline:
         samples = sample_loop(model_fn, chosen, shape, progress=progress, device=device, x_T=latents,
                               generator=torch.Generator().manual_seed(seed))
         images = model.decode_samples(samples.to(dtype)).float()
+        if clip_rerank > 1:
+            images = self._best_candidates(images, batch, clip_rerank)
         if output_type == "pt":  # diffusers' name: the images as a tensor (batch, 3, H, W) in [-1, 1]
             return images.clamp(-1, 1)
         return to_pil_images(images, "minus_one_to_one")
+
+    def _best_candidates(self, images: torch.Tensor, batch: list[str], candidates: int) -> torch.Tensor:
+        """Of each run of `candidates` images (one image's candidates), the one whose CLIP image embedding matches
+        its prompt best."""
+        clip = self.clip
+        tokens = tokenize_prompts(batch, clip.config.text.context_length).to(images.device)
+        clip_dtype = next(clip.parameters()).dtype
+        scores = clip_score(clip, clip.encode_text(tokens))(images.clamp(-1, 1).to(clip_dtype))
+        best = scores.view(-1, candidates).argmax(dim=1)
+        grouped = images.view(-1, candidates, *images.shape[1:])
+        return grouped[torch.arange(len(best), device=images.device), best]
 
     def sample_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(channels, height, width) of what the UNet denoises for images of height x width (None: the model's

@@ -56,8 +56,9 @@ class DecoderRecipe:
         timesteps = self.model.schedule.num_train_timesteps
         if self.samples.steps > timesteps:
             raise ValueError(f"samples.steps ({self.samples.steps}) exceeds the {timesteps} training timesteps")
-        if self.samples.clip_guidance_scale is not None:
-            raise ValueError("samples.clip_guidance_scale is for text-to-image models, not the unCLIP decoder")
+        for name in ("clip_guidance_scale", "clip_rerank"):
+            if getattr(self.samples, name) is not None:
+                raise ValueError(f"samples.{name} is for text-to-image models, not the unCLIP decoder")
         if self.samples.prompts is not None:
             raise ValueError("samples.prompts is not used by the decoder: it decodes held-out images' embeddings")
         if self.samples.guidance_choices is not None and len(self.samples.guidance_choices) != len(

@@ -109,6 +109,9 @@ class SampleGridConfig:
     # default (config.json's clip_guidance_scale); None: none for the grid, and the model keeps what it has (a new
     # model: 0)
     clip_guidance_scale: float | None = None
+    # candidates drawn per grid image, the one the model's own CLIP matches best to its prompt kept (DALL-E's
+    # reranking), stored with the model as its default (config.json's clip_rerank); None: as clip_guidance_scale
+    clip_rerank: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -125,9 +128,15 @@ class SampleGridConfig:
             if not (math.isfinite(self.clip_guidance_scale) and self.clip_guidance_scale >= 0):
                 raise ValueError(f"clip_guidance_scale must be a finite number >= 0 or null, got "
                                  f"{self.clip_guidance_scale}")
-            if self.clip_guidance_scale > 0 and self.guidance_choices:
-                raise ValueError("guidance_choices are judged by the model's own CLIP, which clip_guidance_scale "
-                                 "steers the samples towards: set one or the other")
+        if self.clip_rerank is not None and (isinstance(self.clip_rerank, bool) or not isinstance(self.clip_rerank, int)
+                                             or self.clip_rerank < 1):
+            raise ValueError(f"clip_rerank must be an integer >= 1 (candidates per image) or null, got "
+                             f"{self.clip_rerank!r}")
+        for name, on in (("clip_guidance_scale", (self.clip_guidance_scale or 0) > 0),
+                         ("clip_rerank", (self.clip_rerank or 1) > 1)):
+            if on and self.guidance_choices:
+                raise ValueError(f"guidance_choices are judged by the model's own CLIP, which {name} steers the "
+                                 f"samples towards: set one or the other")
 
 
 @dataclass
@@ -172,12 +181,15 @@ class SampleGrid:
             model.config.guidance_interval = config.guidance_interval
         if config.clip_guidance_scale is not None:  # the same
             model.config.clip_guidance_scale = config.clip_guidance_scale
+        if config.clip_rerank is not None:
+            model.config.clip_rerank = config.clip_rerank
         if config.guidance_choices:
             metrics = self.choose_guidance(model)
         guidance = model.config.guidance_scale if config.guidance_choices else config.guidance_scale
         images = TextToImagePipeline(model)(self.prompts, sampler=config.sampler, steps=config.steps,
                                             guidance_scale=guidance, seed=config.seed, progress=False,
-                                            clip_guidance_scale=config.clip_guidance_scale or 0.0)
+                                            clip_guidance_scale=config.clip_guidance_scale or 0.0,
+                                            clip_rerank=config.clip_rerank or 1)
         path = self.run_dir / "samples" / f"step-{step}.png"
         save_png(make_grid(images), path)
         return {**metrics, "samples/grid": str(path.relative_to(self.run_dir))}
@@ -198,8 +210,8 @@ class SampleGrid:
 
         def accuracy(scale: float) -> float:
             images = TextToImagePipeline(model)(self.prompts, sampler=config.sampler, steps=config.steps,
-                                                guidance_scale=scale, clip_guidance_scale=0.0, seed=config.seed,
-                                                progress=False, output_type="pt")
+                                                guidance_scale=scale, clip_guidance_scale=0.0, clip_rerank=1,
+                                                seed=config.seed, progress=False, output_type="pt")
             embeddings = clip.encode_image(clip_input(images.to(device), clip.config.vision.image_size))
             return ((embeddings @ text.T).argmax(dim=1) == answers).float().mean().item()
 
@@ -297,9 +309,11 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
         recipe.model.unet = _unet_for(clip, recipe.model.unet)
         vae = load_vae(recipe.model.vae, recipe.model.unet) if recipe.model.vae is not None else None
         check_model_section(clip, vae, recipe.model)
-        if recipe.samples.clip_guidance_scale and clip.config.vision is None:
-            raise ConfigError(f"samples.clip_guidance_scale needs a CLIP with an image tower; model.text_encoder="
-                              f"{recipe.model.text_encoder} is a text encoder alone")
+        for name, on in (("clip_guidance_scale", (recipe.samples.clip_guidance_scale or 0) > 0),
+                         ("clip_rerank", (recipe.samples.clip_rerank or 1) > 1)):
+            if on and clip.config.vision is None:
+                raise ConfigError(f"samples.{name} needs a CLIP with an image tower; model.text_encoder="
+                                  f"{recipe.model.text_encoder} is a text encoder alone")
     data = recipe.data
     if data.latent_cache is not None:
         check_latent_cache_options(recipe.model.vae is not None, data)
@@ -359,6 +373,8 @@ def with_sampling_defaults(model, samples: SampleGridConfig):
     model.config.guidance_interval = samples.guidance_interval
     if samples.clip_guidance_scale is not None:
         model.config.clip_guidance_scale = samples.clip_guidance_scale
+    if samples.clip_rerank is not None:
+        model.config.clip_rerank = samples.clip_rerank
     return model
 
 

@@ -33,8 +33,9 @@ def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_pro
         record = {"checkpoint": str(checkpoint), "adapter": adapter and str(adapter),
                   "num_images_per_prompt": num_images_per_prompt, "dtype": dtype, **options,
                   "sampler": used.kind, "steps": used.steps}  # the model's stored defaults where none was given
-        if options.get("clip_guidance_scale") is None:
-            record["clip_guidance_scale"] = stored.clip_guidance_scale
+        for name in ("clip_guidance_scale", "clip_rerank"):
+            if options.get(name) is None:
+                record[name] = getattr(stored, name)
         if options.get("guidance_scale") is None:
             record["guidance_scale"] = (stored.guidance_scale if stored.guidance_scale is not None
                                         else DEFAULT_GUIDANCE_SCALE)

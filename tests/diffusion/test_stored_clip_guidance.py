@@ -10,6 +10,9 @@ import torch
 
 import mmgen
 from mmgen import cli
+from mmgen.clip.preprocess import clip_input
+from mmgen.diffusion.text2img import tokenize_prompts
+from mmgen.errors import UserError
 from mmgen.pipelines import text2img as text2img_pipeline
 from mmgen.pipelines.text2img import TextToImagePipeline
 from tests.clip.helpers import make_clip
@@ -93,3 +96,55 @@ def test_a_text_encoder_without_an_image_tower_is_refused(trained):
     assert replace(config, text_encoder=text_only, clip_guidance_scale=0.0).clip_guidance_scale == 0.0
     with pytest.raises(ValueError, match="finite number >= 0"):
         replace(config, clip_guidance_scale=float("inf"))
+
+
+def test_clip_rerank_keeps_the_candidate_clip_matches_best(trained):
+    """k candidates per image are the images of k per prompt without reranking (the same noise, in order); the one
+    kept is the one with the highest CLIP logit against its prompt, computed here by hand."""
+    model = mmgen.load(trained[2])
+    model.config.clip_guidance_scale = 0.0
+    pipeline = TextToImagePipeline(model)
+    prompts = ["a red circle", "a blue square", "a green star"]
+    common = dict(steps=2, progress=False, output_type="pt", seed=4)
+    candidates = pipeline(prompts, num_images_per_prompt=3, clip_rerank=1, **common)
+    kept = pipeline(prompts, clip_rerank=3, **common)
+    clip = model.text_encoder
+    text = clip.encode_text(tokenize_prompts(prompts, clip.config.text.context_length))
+    image = clip.encode_image(clip_input(candidates, clip.config.vision.image_size))
+    logits = (image.view(3, 3, -1) * text[:, None]).sum(-1)
+    best = logits.argmax(dim=1)
+    assert len(set(best.tolist())) > 1 or best.tolist() != [0, 0, 0]  # the check could fail: not always the first
+    torch.testing.assert_close(kept, candidates.view(3, 3, *candidates.shape[1:])[torch.arange(3), best],
+                               rtol=0, atol=0)
+    two = pipeline(prompts, num_images_per_prompt=2, clip_rerank=3, **common)
+    assert two.shape == (6, *candidates.shape[1:])
+
+
+def test_the_run_stores_clip_rerank_and_bad_values_are_refused(tmp_path, capsys):
+    make_clip(0).save_pretrained(tmp_path / "clip")
+    config = write_config(tmp_path, tmp_path / "clip")
+    run = tmp_path / "run"
+    assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(run), "samples.count=2",
+                     "samples.steps=2", "samples.clip_rerank=2", "train.max_steps=2"]) == 0
+    model = mmgen.load(run)
+    assert model.config.clip_rerank == 2
+    pipeline = TextToImagePipeline(model)
+    common = dict(steps=2, progress=False, output_type="pt", seed=1)
+    torch.testing.assert_close(pipeline(["a red circle"], **common), pipeline(["a red circle"], clip_rerank=2, **common),
+                               rtol=0, atol=0)
+    with pytest.raises(UserError, match="give one or the other"):
+        pipeline(["a red circle"], latents=torch.randn(1, 3, 16, 16), **common)
+    with pytest.raises(UserError, match="clip_rerank must be an integer >= 1"):
+        pipeline(["a red circle"], clip_rerank=0, **common)
+    capsys.readouterr()
+    for overrides, message in ((["samples.clip_rerank=0"], "clip_rerank must be an integer >= 1"),
+                               (["samples.clip_rerank=2", "samples.guidance_choices=[1.0, 3.0]"],
+                                "set one or the other")):
+        assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(tmp_path / "bad"),
+                         *overrides]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()
+    assert cli.main(["sample", "text2img", "--checkpoint", str(run), "--prompt", "a red circle", "--n", "1",
+                     "--steps", "2", "--clip-rerank", "0", "--out", str(tmp_path / "s")]) == 2
+    assert not (tmp_path / "s").exists()
