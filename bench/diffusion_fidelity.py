@@ -91,7 +91,8 @@ def generate(pipeline: TextToImagePipeline | UnCLIPPipeline, prompts: list[str],
                    "guidance_interval": setting.get("interval")}
     else:
         options = {"guidance_rescale": setting.get("rescale", 0.0), "guidance_interval": setting.get("interval"),
-                   "clip_guidance_scale": setting.get("clip_guidance"), "clip_rerank": setting.get("clip_rerank")}
+                   "clip_guidance_scale": setting.get("clip_guidance"), "clip_rerank": setting.get("clip_rerank"),
+                   "clip_guidance_views": setting.get("clip_views")}
     images = []
     for batch, start in enumerate(range(0, len(prompts), batch_size)):
         images += pipeline(prompts[start : start + batch_size], num_images_per_prompt=images_per_prompt,
@@ -105,7 +106,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[TextToImagePipeline | UnCLI
     if args.decoder is None:
         pipeline = TextToImagePipeline.from_pretrained(args.checkpoint, device=args.device)
         return pipeline, pipeline.model.config.image_size
-    if args.guidance_rescale or args.clip_guidance is not None or args.clip_rerank is not None:
+    if args.guidance_rescale or any(value is not None for value in (args.clip_guidance, args.clip_rerank,
+                                                                     args.clip_views)):
         raise UserError("--guidance-rescale, --clip-guidance and --clip-rerank are for text2img models, not prior + "
                         "decoder")
     pipeline = UnCLIPPipeline.from_pretrained(args.checkpoint, args.decoder, device=args.device)
@@ -136,7 +138,8 @@ def run(args: argparse.Namespace) -> dict:
     for setting in settings:
         setting.update(interval=args.guidance_interval)
         if args.decoder is None:
-            setting.update(rescale=args.guidance_rescale, clip_guidance=args.clip_guidance, clip_rerank=args.clip_rerank)
+            setting.update(rescale=args.guidance_rescale, clip_guidance=args.clip_guidance, clip_rerank=args.clip_rerank,
+                           clip_views=args.clip_views)
         else:
             setting.update(prior_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
     count = args.prompts or (8 if args.quick else 64)
@@ -149,6 +152,8 @@ def run(args: argparse.Namespace) -> dict:
                 setting.update(clip_guidance=stored.clip_guidance_scale)
             if setting["clip_rerank"] is None:
                 setting.update(clip_rerank=stored.clip_rerank)
+            if setting["clip_views"] is None:
+                setting.update(clip_views=stored.clip_guidance_views)
     # warm-up, so the first setting's time is not start-up
     generate(pipeline, ["a red circle"], {**settings[0], "steps": 1}, 1, 1, args.seed)
     results = {
@@ -199,6 +204,9 @@ def main() -> None:
     parser.add_argument("--clip-guidance", type=float,
                         help="CLIP guidance scale with the model's own CLIP (text2img; all settings; default: the "
                              "model's stored one, config.json's clip_guidance_scale)")
+    parser.add_argument("--clip-views", type=int, metavar="N",
+                        help="shifted views of each x0 estimate CLIP guidance scores (text2img; default: the model's "
+                             "stored clip_guidance_views)")
     parser.add_argument("--clip-rerank", type=int, metavar="K",
                         help="draw K candidates per image, keep the one the model's CLIP matches best (text2img; all "
                              "settings; default: the model's stored one, config.json's clip_rerank)")

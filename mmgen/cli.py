@@ -175,6 +175,9 @@ def _add_sample(commands) -> None:
     text2img.add_argument("--clip-guidance", type=non_negative_float,
                           help="CLIP guidance scale (default: the model's stored one, config.json's "
                                "clip_guidance_scale; 0: none)")
+    text2img.add_argument("--clip-views", type=positive_int, metavar="N",
+                          help="shifted copies of each estimate CLIP guidance scores (default: the model's stored "
+                               "clip_guidance_views)")
     text2img.add_argument("--clip-rerank", type=positive_int, metavar="K",
                           help="draw K candidates per image and keep the one CLIP matches best to its prompt (default: "
                                "the model's stored one, config.json's clip_rerank; 1: none)")

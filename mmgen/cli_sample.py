@@ -52,7 +52,7 @@ def run_sample(args) -> None:
             paths = sample_images(args.checkpoint, args.prompts, args.out, num_images_per_prompt=args.n,
                                   clip_model=args.clip_model, device=args.device, sampler=args.sampler,
                                   steps=args.steps, guidance_scale=args.guidance, clip_guidance_scale=args.clip_guidance,
-                                  clip_rerank=args.clip_rerank,
+                                  clip_rerank=args.clip_rerank, clip_guidance_views=args.clip_views,
                                   guidance_rescale=args.guidance_rescale, guidance_interval=interval,
                                   eta=args.eta, seed=args.seed, adapter=args.adapter, dtype=args.dtype,
                                   negative_prompt=_negative_prompt(args.negative_prompts), height=args.height,
@@ -86,6 +86,7 @@ def _run_unclip_sample(args) -> None:
                 raise UserError(f"{args.checkpoint} holds an unCLIP prior: name its decoder with --decoder DECODER_RUN")
             unsupported = [flag for flag, value in (("--clip-guidance", args.clip_guidance),
                                                     ("--clip-rerank", args.clip_rerank),
+                                                    ("--clip-views", args.clip_views),
                                                     ("--clip-model", args.clip_model), ("--adapter", args.adapter),
                                                     ("--guidance-rescale", args.guidance_rescale),
                                                     ("--negative-prompt", args.negative_prompts),

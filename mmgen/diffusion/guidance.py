@@ -166,18 +166,38 @@ def clip_guidance(model_fn: ModelFn, schedule: NoiseSchedule, score_fn: ScoreFn,
     return guided
 
 
-def clip_score(clip, text_embeddings: torch.Tensor) -> ScoreFn:
+def clip_score(clip, text_embeddings: torch.Tensor, views: int = 1,
+               generator: torch.Generator | None = None) -> ScoreFn:
     """score(x0) = CLIP's logit logit_scale * cos(image embedding, text embedding), per sample.
 
     x0 (batch, 3, H, W) in [-1, 1] is resized to the CLIP's image size and CLIP-normalised; text_embeddings
-    (batch, embed_dim) are unit-length embeddings from `clip.encode_text`.
+    (batch, embed_dim) are unit-length embeddings from `clip.encode_text`. views > 1: the mean logit over that many
+    copies of x0 shifted by up to 1/16 of its size (`shifted_views`, drawn from `generator` at each call), so that
+    guidance follows what CLIP sees in the picture rather than in a few of its pixels (the augmentations of CLIP-guided
+    diffusion); measured in docs/benchmarks.md (the quickstart).
     """
     if clip.config.vision is None:
         raise UserError("CLIP guidance needs a CLIP with an image tower; this one is a text encoder alone")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise UserError(f"CLIP guidance views must be an integer >= 1, got {views!r}")
     size = clip.config.vision.image_size
 
     def score(x0: torch.Tensor) -> torch.Tensor:
-        image_embeddings = clip.encode_image(clip_input(x0, size))
-        return clip.logit_scale_exp() * (image_embeddings * text_embeddings.to(image_embeddings.dtype)).sum(dim=-1)
+        images = shifted_views(x0, views, generator) if views > 1 else x0
+        image_embeddings = clip.encode_image(clip_input(images, size))
+        text = text_embeddings.to(image_embeddings.dtype).repeat(views, 1)
+        logits = clip.logit_scale_exp() * (image_embeddings * text).sum(dim=-1)
+        return logits.view(views, -1).mean(dim=0)
 
     return score
+
+
+def shifted_views(images: torch.Tensor, views: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(views * batch, C, H, W): `views` copies of the batch, each translated by a random offset of up to 1/16 of the
+    image's height / width (at least one pixel) in each direction, the border pixels repeated into the gap."""
+    height, width = images.shape[-2:]
+    shift_y, shift_x = max(1, height // 16), max(1, width // 16)
+    padded = torch.nn.functional.pad(images, (shift_x, shift_x, shift_y, shift_y), mode="replicate")
+    offsets_y = torch.randint(0, 2 * shift_y + 1, (views,), generator=generator).tolist()
+    offsets_x = torch.randint(0, 2 * shift_x + 1, (views,), generator=generator).tolist()
+    return torch.cat([padded[..., y : y + height, x : x + width] for y, x in zip(offsets_y, offsets_x)])

@@ -48,10 +48,11 @@ class TextToImageConfig:
 
     Sampling defaults stored with the model: guidance_scale (and guidance_interval [t_low, t_high]: guide only at those
     timesteps; None: at every step), clip_guidance_scale (CLIP guidance with the model's own CLIP, which needs its
-    image tower; 0: none), clip_rerank (k candidates per image, the one the model's CLIP matches best to its prompt
-    kept; 1: none), and its default sampler's kind and steps (sampler,
-    sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's), timestep spacing and steps_offset, x0
-    clipping (clip_sample_range None: the model's sample_range) or dynamic thresholding (thresholding,
+    image tower; 0: none) and clip_guidance_views (the shifted copies of each x0 estimate it scores), clip_rerank
+    (k candidates per image, the one the model's CLIP matches best to its prompt kept; 1: none), and its default
+    sampler's kind and steps (sampler, sampling_steps: DDIM, 50 unless its recipe stored its evaluation grid's),
+    timestep spacing and steps_offset, x0 clipping (clip_sample_range None: the model's sample_range) or dynamic
+    thresholding (thresholding,
     dynamic_thresholding_ratio, sample_max_value: it wins over clipping), DDIM's set_alpha_to_one and
     use_clipped_model_output (mmgen's: "trailing", 0, clipped to sample_range, True, True; a converted Stable Diffusion
     folder's are its scheduler's, and DDIM keeps the network's epsilon as StableDiffusionPipeline does). See
@@ -85,6 +86,7 @@ class TextToImageConfig:
     sampling_steps: int = 50
     guidance_interval: list[int] | None = None  # guide only at timesteps t_low..t_high (None: at every step)
     clip_guidance_scale: float = 0.0  # the default CLIP guidance with the model's own CLIP (0: none)
+    clip_guidance_views: int = 1  # shifted copies of each x0 estimate CLIP guidance scores (see guidance.clip_score)
     clip_rerank: int = 1  # the default candidates per image, the one the model's CLIP matches best kept (1: none)
     pixel_shift: float = 0.0  # pixel models: the UNet denoises (images - pixel_shift) * pixel_scale (see below)
     pixel_scale: float = 1.0
@@ -121,8 +123,10 @@ class TextToImageConfig:
         check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps, self.guidance_interval)
         if not (math.isfinite(self.clip_guidance_scale) and self.clip_guidance_scale >= 0):
             raise ValueError(f"clip_guidance_scale must be a finite number >= 0, got {self.clip_guidance_scale}")
-        if isinstance(self.clip_rerank, bool) or not isinstance(self.clip_rerank, int) or self.clip_rerank < 1:
-            raise ValueError(f"clip_rerank must be an integer >= 1, got {self.clip_rerank!r}")
+        for name in ("clip_rerank", "clip_guidance_views"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name, on in (("clip_guidance_scale", self.clip_guidance_scale > 0), ("clip_rerank", self.clip_rerank > 1)):
             if on and self.text_encoder.vision is None:
                 raise ValueError(f"{name} needs a CLIP with an image tower; this text encoder has none")

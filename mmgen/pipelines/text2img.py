@@ -70,6 +70,7 @@ class TextToImagePipeline:
         guidance_rescale: float = 0.0,
         clip_guidance_scale: float | None = None,
         clip_rerank: int | None = None,
+        clip_guidance_views: int | None = None,
         eta: float | None = None,
         seed: int = 0,
         latents: torch.Tensor | None = None,
@@ -88,7 +89,9 @@ class TextToImagePipeline:
         guidance_interval None: the model's stored one (config.json's guidance_interval; None there: every step).
         `guidance_scale` None: the model's stored default (config.json's guidance_scale, chosen by its training run's
         evaluation), else 3. `clip_guidance_scale` None: the model's stored one (config.json's clip_guidance_scale, 0
-        unless its recipe set one); CLIP guidance uses the pipeline's `clip`. `clip_rerank` k > 1: draw k candidates
+        unless its recipe set one); CLIP guidance uses the pipeline's `clip`, scoring `clip_guidance_views` randomly
+        shifted copies of each x0 estimate (None: the model's stored clip_guidance_views, 1 unless its recipe set
+        one; see mmgen.diffusion.guidance.clip_score). `clip_rerank` k > 1: draw k candidates
         per image and keep the one the pipeline's `clip` matches best to its prompt (DALL-E's reranking; k times the
         sampling); None: the model's stored one (config.json's clip_rerank, 1 unless its recipe set one).
         """
@@ -104,6 +107,8 @@ class TextToImagePipeline:
             clip_guidance_scale = config.clip_guidance_scale
         if clip_rerank is None:
             clip_rerank = config.clip_rerank
+        if clip_guidance_views is None:
+            clip_guidance_views = config.clip_guidance_views
         if isinstance(clip_rerank, bool) or not isinstance(clip_rerank, int) or clip_rerank < 1:
             raise UserError(f"clip_rerank must be an integer >= 1 (candidates per image), got {clip_rerank!r}")
         if clip_rerank > 1 and latents is not None:
@@ -136,7 +141,8 @@ class TextToImagePipeline:
             model_fn = _in_dtype(model_fn, dtype)
         if clip_guidance_scale > 0:
             tokens = tokenize_prompts(batch, self.clip.config.text.context_length).to(device)
-            score = clip_score(self.clip, self.clip.encode_text(tokens))
+            score = clip_score(self.clip, self.clip.encode_text(tokens), views=clip_guidance_views,
+                               generator=torch.Generator().manual_seed(seed))
             clip_dtype = next(self.clip.parameters()).dtype
             model_fn = clip_guidance(model_fn, config.schedule,
                                      lambda x0: score(model.decode_samples(x0.to(dtype)).to(clip_dtype)),

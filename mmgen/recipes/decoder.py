@@ -56,7 +56,7 @@ class DecoderRecipe:
         timesteps = self.model.schedule.num_train_timesteps
         if self.samples.steps > timesteps:
             raise ValueError(f"samples.steps ({self.samples.steps}) exceeds the {timesteps} training timesteps")
-        for name in ("clip_guidance_scale", "clip_rerank"):
+        for name in ("clip_guidance_scale", "clip_guidance_views", "clip_rerank"):
             if getattr(self.samples, name) is not None:
                 raise ValueError(f"samples.{name} is for text-to-image models, not the unCLIP decoder")
         if self.samples.prompts is not None:

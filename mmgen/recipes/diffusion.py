@@ -109,6 +109,8 @@ class SampleGridConfig:
     # default (config.json's clip_guidance_scale); None: none for the grid, and the model keeps what it has (a new
     # model: 0)
     clip_guidance_scale: float | None = None
+    # shifted copies of each x0 estimate CLIP guidance scores (config.json's clip_guidance_views); None: as above
+    clip_guidance_views: int | None = None
     # candidates drawn per grid image, the one the model's own CLIP matches best to its prompt kept (DALL-E's
     # reranking), stored with the model as its default (config.json's clip_rerank); None: as clip_guidance_scale
     clip_rerank: int | None = None
@@ -128,10 +130,10 @@ class SampleGridConfig:
             if not (math.isfinite(self.clip_guidance_scale) and self.clip_guidance_scale >= 0):
                 raise ValueError(f"clip_guidance_scale must be a finite number >= 0 or null, got "
                                  f"{self.clip_guidance_scale}")
-        if self.clip_rerank is not None and (isinstance(self.clip_rerank, bool) or not isinstance(self.clip_rerank, int)
-                                             or self.clip_rerank < 1):
-            raise ValueError(f"clip_rerank must be an integer >= 1 (candidates per image) or null, got "
-                             f"{self.clip_rerank!r}")
+        for name in ("clip_rerank", "clip_guidance_views"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or null, got {value!r}")
         for name, on in (("clip_guidance_scale", (self.clip_guidance_scale or 0) > 0),
                          ("clip_rerank", (self.clip_rerank or 1) > 1)):
             if on and self.guidance_choices:
@@ -183,13 +185,16 @@ class SampleGrid:
             model.config.clip_guidance_scale = config.clip_guidance_scale
         if config.clip_rerank is not None:
             model.config.clip_rerank = config.clip_rerank
+        if config.clip_guidance_views is not None:
+            model.config.clip_guidance_views = config.clip_guidance_views
         if config.guidance_choices:
             metrics = self.choose_guidance(model)
         guidance = model.config.guidance_scale if config.guidance_choices else config.guidance_scale
         images = TextToImagePipeline(model)(self.prompts, sampler=config.sampler, steps=config.steps,
                                             guidance_scale=guidance, seed=config.seed, progress=False,
                                             clip_guidance_scale=config.clip_guidance_scale or 0.0,
-                                            clip_rerank=config.clip_rerank or 1)
+                                            clip_rerank=config.clip_rerank or 1,
+                                            clip_guidance_views=config.clip_guidance_views or 1)
         path = self.run_dir / "samples" / f"step-{step}.png"
         save_png(make_grid(images), path)
         return {**metrics, "samples/grid": str(path.relative_to(self.run_dir))}
@@ -371,10 +376,9 @@ def with_sampling_defaults(model, samples: SampleGridConfig):
     model.config.sampler, model.config.sampling_steps = samples.sampler, samples.steps
     model.config.guidance_scale = samples.guidance_scale
     model.config.guidance_interval = samples.guidance_interval
-    if samples.clip_guidance_scale is not None:
-        model.config.clip_guidance_scale = samples.clip_guidance_scale
-    if samples.clip_rerank is not None:
-        model.config.clip_rerank = samples.clip_rerank
+    for name in ("clip_guidance_scale", "clip_guidance_views", "clip_rerank"):
+        if getattr(samples, name) is not None:
+            setattr(model.config, name, getattr(samples, name))
     return model
 
 
