@@ -14,6 +14,8 @@ from mmgen.diffusion import (
     clip_score,
     tokenize_prompts,
 )
+from mmgen.diffusion.guidance import shifted_views
+from mmgen.errors import UserError
 from tests.diffusion.helpers import tiny_text2img
 
 
@@ -100,6 +102,34 @@ def test_clip_score_is_clip_logit_of_the_resized_normalised_image(model):
     images = ((images + 1) / 2 - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
     expected = clip.logit_scale_exp() * F.cosine_similarity(clip.encode_image(images), text)
     torch.testing.assert_close(clip_score(clip, text)(x0), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shifted_views_are_translations_of_up_to_a_sixteenth_with_repeated_borders():
+    images = torch.randn(2, 3, 32, 48)
+    views = shifted_views(images, 5, torch.Generator().manual_seed(3))
+    assert views.shape == (10, 3, 32, 48)
+    torch.testing.assert_close(views, shifted_views(images, 5, torch.Generator().manual_seed(3)), rtol=0, atol=0)
+    padded = F.pad(images, (3, 3, 2, 2), mode="replicate")  # 48 // 16 = 3 columns, 32 // 16 = 2 rows
+    offsets = set()
+    for view in views.view(5, 2, 3, 32, 48):
+        found = [(y, x) for y in range(5) for x in range(7) if torch.equal(padded[..., y : y + 32, x : x + 48], view)]
+        assert found, "every view is one translation of the whole batch"
+        offsets.add(found[0])
+    assert len(offsets) > 1  # the views differ
+    assert shifted_views(torch.randn(1, 3, 8, 8), 3).shape == (3, 3, 8, 8)  # small images shift by one pixel
+
+
+def test_clip_score_with_views_is_the_mean_logit_over_the_shifted_views(model):
+    clip = model.text_encoder
+    text = clip.encode_text(tokenize_prompts(["a red circle", "a blue square"], clip.config.text.context_length))
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    views = shifted_views(x0, 4, torch.Generator().manual_seed(0))
+    plain = clip_score(clip, text.repeat(4, 1))(views)
+    by_views = clip_score(clip, text, views=4, generator=torch.Generator().manual_seed(0))(x0)
+    torch.testing.assert_close(by_views, plain.view(4, 2).mean(dim=0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(by_views, clip_score(clip, text)(x0), atol=1e-4)
+    with pytest.raises(UserError, match="views must be an integer >= 1"):
+        clip_score(clip, text, views=0)
 
 
 def test_clip_guided_step_raises_clip_similarity(model):

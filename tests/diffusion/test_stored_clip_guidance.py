@@ -25,16 +25,17 @@ def trained(tmp_path):
     config = write_config(tmp_path, tmp_path / "clip")
     run = tmp_path / "run"
     assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(run), "samples.count=2",
-                     "samples.steps=2", "samples.clip_guidance_scale=40", "train.max_steps=2"]) == 0
+                     "samples.steps=2", "samples.clip_guidance_scale=40", "samples.clip_guidance_views=3",
+                     "train.max_steps=2"]) == 0
     return tmp_path, config, run
 
 
 def test_the_run_stores_it_and_the_pipeline_uses_it(trained, monkeypatch):
     tmp_path, _, run = trained
     stored = json.loads((run / "final" / "config.json").read_text())["config"]
-    assert stored["clip_guidance_scale"] == 40
+    assert (stored["clip_guidance_scale"], stored["clip_guidance_views"]) == (40, 3)
     model = mmgen.load(run)
-    assert model.config.clip_guidance_scale == 40
+    assert (model.config.clip_guidance_scale, model.config.clip_guidance_views) == (40, 3)
     used = []
     original = text2img_pipeline.clip_guidance
 
@@ -48,9 +49,10 @@ def test_the_run_stores_it_and_the_pipeline_uses_it(trained, monkeypatch):
                                         output_type="pt", seed=3, **options)
     default = sample()
     assert used == [40]
-    torch.testing.assert_close(default, sample(clip_guidance_scale=40.0), rtol=0, atol=0)
+    torch.testing.assert_close(default, sample(clip_guidance_scale=40.0, clip_guidance_views=3), rtol=0, atol=0)
+    assert (default - sample(clip_guidance_views=1)).abs().max() > 1e-5  # the stored views are used
     unguided = sample(clip_guidance_scale=0.0)
-    assert used == [40, 40]  # 0: no CLIP guidance wrapper at all
+    assert used == [40, 40, 40]  # 0: no CLIP guidance wrapper at all
     assert (default - unguided).abs().max() > 1e-4  # the stored scale is what changed the images
     out = tmp_path / "samples"
     assert cli.main(["sample", "text2img", "--checkpoint", str(run), "--prompt", "a red circle", "--n", "1",
@@ -62,7 +64,7 @@ def test_the_run_stores_it_and_the_pipeline_uses_it(trained, monkeypatch):
     assert cli.main(["sample", "text2img", "--checkpoint", str(run), "--prompt", "a red circle", "--n", "1",
                      "--steps", "2", "--clip-guidance", "0", "--out", str(out)]) == 0
     assert json.loads((out / "samples.json").read_text())["clip_guidance_scale"] == 0
-    assert used[-1] == 40 and len(used) == 3  # the second command added none
+    assert used[-1] == 40 and len(used) == 4  # the second command added none
 
 
 def test_a_folder_without_the_key_samples_without_clip_guidance(trained):
@@ -138,6 +140,7 @@ def test_the_run_stores_clip_rerank_and_bad_values_are_refused(tmp_path, capsys)
         pipeline(["a red circle"], clip_rerank=0, **common)
     capsys.readouterr()
     for overrides, message in ((["samples.clip_rerank=0"], "clip_rerank must be an integer >= 1"),
+                               (["samples.clip_guidance_views=0"], "clip_guidance_views must be an integer >= 1"),
                                (["samples.clip_rerank=2", "samples.guidance_choices=[1.0, 3.0]"],
                                 "set one or the other")):
         assert cli.main(["train", "diffusion", "--config", str(config), "--out", str(tmp_path / "bad"),
