@@ -91,9 +91,9 @@ class TextToImagePipeline:
         evaluation), else 3. `clip_guidance_scale` None: the model's stored one (config.json's clip_guidance_scale, 0
         unless its recipe set one); CLIP guidance uses the pipeline's `clip`, scoring `clip_guidance_views` randomly
         shifted copies of each x0 estimate (None: the model's stored clip_guidance_views, 1 unless its recipe set
-        one; see mmgen.diffusion.guidance.clip_score). `clip_rerank` k > 1: draw k candidates
-        per image and keep the one the pipeline's `clip` matches best to its prompt (DALL-E's reranking; k times the
-        sampling); None: the model's stored one (config.json's clip_rerank, 1 unless its recipe set one).
+        one; see mmgen.diffusion.guidance.clip_score). `clip_rerank` k > 1: draw k candidates per image and keep the
+        one the pipeline's `clip` matches best to its prompt (DALL-E's reranking; k times the sampling); None: the
+        model's stored one (config.json's clip_rerank, 1 unless its recipe set one).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if output_type not in ("pil", "pt"):

@@ -26,7 +26,14 @@ from ..pipelines.unclip import DecoderPipeline
 from ..training import TrainConfig
 from ..training.trainer import process_state
 from .common import RecipeRun
-from .diffusion import CaptionTokens, DiffusionDataConfig, SampleGridConfig, store_best_guidance, with_sampling_defaults
+from .diffusion import (
+    CLIP_SAMPLING,
+    CaptionTokens,
+    DiffusionDataConfig,
+    SampleGridConfig,
+    store_best_guidance,
+    with_sampling_defaults,
+)
 from .unclip import evaluation_pairs, load_clip
 
 
@@ -56,7 +63,7 @@ class DecoderRecipe:
         timesteps = self.model.schedule.num_train_timesteps
         if self.samples.steps > timesteps:
             raise ValueError(f"samples.steps ({self.samples.steps}) exceeds the {timesteps} training timesteps")
-        for name in ("clip_guidance_scale", "clip_guidance_views", "clip_rerank"):
+        for name in CLIP_SAMPLING:
             if getattr(self.samples, name) is not None:
                 raise ValueError(f"samples.{name} is for text-to-image models, not the unCLIP decoder")
         if self.samples.prompts is not None:

@@ -181,12 +181,7 @@ class SampleGrid:
         config, metrics = self.config, {}
         if config.guidance_interval is not None:  # the grid's, also when a resumed run changed it
             model.config.guidance_interval = config.guidance_interval
-        if config.clip_guidance_scale is not None:  # the same
-            model.config.clip_guidance_scale = config.clip_guidance_scale
-        if config.clip_rerank is not None:
-            model.config.clip_rerank = config.clip_rerank
-        if config.clip_guidance_views is not None:
-            model.config.clip_guidance_views = config.clip_guidance_views
+        store_clip_sampling(model, config)  # the same
         if config.guidance_choices:
             metrics = self.choose_guidance(model)
         guidance = model.config.guidance_scale if config.guidance_choices else config.guidance_scale
@@ -314,11 +309,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
         recipe.model.unet = _unet_for(clip, recipe.model.unet)
         vae = load_vae(recipe.model.vae, recipe.model.unet) if recipe.model.vae is not None else None
         check_model_section(clip, vae, recipe.model)
-        for name, on in (("clip_guidance_scale", (recipe.samples.clip_guidance_scale or 0) > 0),
-                         ("clip_rerank", (recipe.samples.clip_rerank or 1) > 1)):
-            if on and clip.config.vision is None:
-                raise ConfigError(f"samples.{name} needs a CLIP with an image tower; model.text_encoder="
-                                  f"{recipe.model.text_encoder} is a text encoder alone")
+        check_clip_sampling(recipe.samples, clip, f"model.text_encoder={recipe.model.text_encoder}")
     data = recipe.data
     if data.latent_cache is not None:
         check_latent_cache_options(recipe.model.vae is not None, data)
@@ -376,10 +367,26 @@ def with_sampling_defaults(model, samples: SampleGridConfig):
     model.config.sampler, model.config.sampling_steps = samples.sampler, samples.steps
     model.config.guidance_scale = samples.guidance_scale
     model.config.guidance_interval = samples.guidance_interval
-    for name in ("clip_guidance_scale", "clip_guidance_views", "clip_rerank"):
+    return store_clip_sampling(model, samples)
+
+
+CLIP_SAMPLING = ("clip_guidance_scale", "clip_guidance_views", "clip_rerank")
+
+
+def store_clip_sampling(model: TextToImage, samples: SampleGridConfig) -> TextToImage:
+    """`model` with the grid's CLIP guidance scale, views and reranking (those not None) as its stored defaults."""
+    for name in CLIP_SAMPLING:
         if getattr(samples, name) is not None:
             setattr(model.config, name, getattr(samples, name))
     return model
+
+
+def check_clip_sampling(samples: SampleGridConfig, clip: CLIP, where: str) -> None:
+    """ConfigError, before anything is written, for CLIP guidance or reranking asked of a text encoder alone."""
+    for name, on in (("clip_guidance_scale", (samples.clip_guidance_scale or 0) > 0),
+                     ("clip_rerank", (samples.clip_rerank or 1) > 1)):
+        if on and clip.config.vision is None:
+            raise ConfigError(f"samples.{name} needs a CLIP with an image tower; {where} is a text encoder alone")
 
 
 def describe(model: TextToImage, state) -> None:

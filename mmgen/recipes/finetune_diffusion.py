@@ -32,6 +32,7 @@ from .diffusion import (
     DiffusionDataConfig,
     SampleGrid,
     SampleGridConfig,
+    check_clip_sampling,
     check_latent_cache_options,
     grid_prompts,
     latent_caches,
@@ -89,6 +90,7 @@ def train(config_path, run_dir, overrides: list[str] = (), resume: bool = False,
     timesteps = model.schedule.num_train_timesteps
     if recipe.samples.steps > timesteps:
         raise ConfigError(f"samples.steps ({recipe.samples.steps}) exceeds the base's {timesteps} training timesteps")
+    check_clip_sampling(recipe.samples, model.text_encoder, "the base's text encoder")
     data = recipe.data
     if data.latent_cache is not None:
         if recipe.objective != "denoising":

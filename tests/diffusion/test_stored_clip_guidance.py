@@ -2,6 +2,7 @@
 run and used by the pipeline, `mmgen sample text2img` and its grid when no scale is given; bad values and text
 encoders without an image tower are refused in one line."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -12,9 +13,10 @@ import mmgen
 from mmgen import cli
 from mmgen.clip.preprocess import clip_input
 from mmgen.diffusion.text2img import tokenize_prompts
-from mmgen.errors import UserError
+from mmgen.errors import ConfigError, UserError
 from mmgen.pipelines import text2img as text2img_pipeline
 from mmgen.pipelines.text2img import TextToImagePipeline
+from mmgen.recipes.diffusion import SampleGridConfig, check_clip_sampling
 from tests.clip.helpers import make_clip
 from tests.diffusion.test_recipe import write_config
 
@@ -151,3 +153,16 @@ def test_the_run_stores_clip_rerank_and_bad_values_are_refused(tmp_path, capsys)
     assert cli.main(["sample", "text2img", "--checkpoint", str(run), "--prompt", "a red circle", "--n", "1",
                      "--steps", "2", "--clip-rerank", "0", "--out", str(tmp_path / "s")]) == 2
     assert not (tmp_path / "s").exists()
+
+
+def test_check_clip_sampling_refuses_a_text_encoder_alone(trained):
+    """What `mmgen train diffusion` and `mmgen finetune diffusion` run before anything is written."""
+    clip = mmgen.load(trained[2]).text_encoder
+    text_only = copy.deepcopy(clip)
+    text_only.config = replace(clip.config, vision=None)
+    check_clip_sampling(SampleGridConfig(clip_guidance_scale=5.0, clip_rerank=3), clip, "x")  # has a vision tower
+    check_clip_sampling(SampleGridConfig(clip_guidance_scale=0.0, clip_rerank=1), text_only, "x")  # asks nothing
+    for samples, name in ((SampleGridConfig(clip_guidance_scale=5.0), "clip_guidance_scale"),
+                          (SampleGridConfig(clip_rerank=2), "clip_rerank")):
+        with pytest.raises(ConfigError, match=f"samples.{name} needs a CLIP with an image tower; the base"):
+            check_clip_sampling(samples, text_only, "the base's text encoder")
