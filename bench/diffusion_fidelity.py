@@ -108,8 +108,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[TextToImagePipeline | UnCLI
         return pipeline, pipeline.model.config.image_size
     if args.guidance_rescale or any(value is not None for value in (args.clip_guidance, args.clip_rerank,
                                                                      args.clip_views)):
-        raise UserError("--guidance-rescale, --clip-guidance and --clip-rerank are for text2img models, not prior + "
-                        "decoder")
+        raise UserError("--guidance-rescale, --clip-guidance, --clip-views and --clip-rerank are for text2img models, "
+                        "not prior + decoder")
     pipeline = UnCLIPPipeline.from_pretrained(args.checkpoint, args.decoder, device=args.device)
     return pipeline, pipeline.decoder.decoder.config.image_size
 
@@ -148,12 +148,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.decoder is None:  # recorded as used: the model's stored ones where none was given
         stored = pipeline.model.config
         for setting in settings:
-            if setting["clip_guidance"] is None:
-                setting.update(clip_guidance=stored.clip_guidance_scale)
-            if setting["clip_rerank"] is None:
-                setting.update(clip_rerank=stored.clip_rerank)
-            if setting["clip_views"] is None:
-                setting.update(clip_views=stored.clip_guidance_views)
+            for key, name in (("clip_guidance", "clip_guidance_scale"), ("clip_rerank", "clip_rerank"),
+                              ("clip_views", "clip_guidance_views")):
+                if setting[key] is None:
+                    setting[key] = getattr(stored, name)
     # warm-up, so the first setting's time is not start-up
     generate(pipeline, ["a red circle"], {**settings[0], "steps": 1}, 1, 1, args.seed)
     results = {

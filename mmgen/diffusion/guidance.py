@@ -6,6 +6,7 @@ Samplers never see a network: they get a model_fn, and a guided model_fn is just
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -166,6 +167,17 @@ def clip_guidance(model_fn: ModelFn, schedule: NoiseSchedule, score_fn: ScoreFn,
     return guided
 
 
+def check_clip_sampling_values(clip_guidance_scale: float | None = None, clip_guidance_views: int | None = None,
+                               clip_rerank: int | None = None) -> None:
+    """ValueError for CLIP sampling values that cannot be used (None: not given, not checked): a CLIP guidance scale
+    that is not a finite number >= 0, views or rerank candidates that are not an integer >= 1."""
+    if clip_guidance_scale is not None and not (math.isfinite(clip_guidance_scale) and clip_guidance_scale >= 0):
+        raise ValueError(f"clip_guidance_scale must be a finite number >= 0, got {clip_guidance_scale}")
+    for name, value in (("clip_guidance_views", clip_guidance_views), ("clip_rerank", clip_rerank)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def clip_score(clip, text_embeddings: torch.Tensor, views: int = 1,
                generator: torch.Generator | None = None) -> ScoreFn:
     """score(x0) = CLIP's logit logit_scale * cos(image embedding, text embedding), per sample.
@@ -181,12 +193,12 @@ def clip_score(clip, text_embeddings: torch.Tensor, views: int = 1,
     if isinstance(views, bool) or not isinstance(views, int) or views < 1:
         raise UserError(f"CLIP guidance views must be an integer >= 1, got {views!r}")
     size = clip.config.vision.image_size
+    text = text_embeddings.repeat(views, 1)  # view-major, as shifted_views stacks the copies
 
     def score(x0: torch.Tensor) -> torch.Tensor:
         images = shifted_views(x0, views, generator) if views > 1 else x0
         image_embeddings = clip.encode_image(clip_input(images, size))
-        text = text_embeddings.to(image_embeddings.dtype).repeat(views, 1)
-        logits = clip.logit_scale_exp() * (image_embeddings * text).sum(dim=-1)
+        logits = clip.logit_scale_exp() * (image_embeddings * text.to(image_embeddings.dtype)).sum(dim=-1)
         return logits.view(views, -1).mean(dim=0)
 
     return score

@@ -26,11 +26,14 @@ from ..clip.frozen import FrozenCLIPMixin
 from ..clip.model import CLIP, CLIPConfig, TextEncoding
 from ..clip.tokenizer import CLIPTokenizer
 from ..hub import PretrainedMixin
-from .guidance import ConditionalModel
+from .guidance import ConditionalModel, check_clip_sampling_values
 from .samplers import SPACINGS, SamplerConfig, TimestepSpacing, check_sampling_defaults
 from .schedule import NoiseSchedule
 from .unet import UNet, UNetConfig
 from .vae import VAE, VAEConfig
+
+# the stored defaults of CLIP's part in sampling (TextToImageConfig fields, recipe samples.* keys, pipeline arguments)
+CLIP_SAMPLING = ("clip_guidance_scale", "clip_guidance_views", "clip_rerank")
 
 
 @dataclass
@@ -121,12 +124,7 @@ class TextToImageConfig:
             raise ValueError(f"unet.pooled_dim is {self.unet.pooled_dim}, the text encoder needs "
                              f"{self.text_encoder.embed_dim} (or null: no pooled text embedding)")
         check_sampling_defaults(self.guidance_scale, self.sampler, self.sampling_steps, self.guidance_interval)
-        if not (math.isfinite(self.clip_guidance_scale) and self.clip_guidance_scale >= 0):
-            raise ValueError(f"clip_guidance_scale must be a finite number >= 0, got {self.clip_guidance_scale}")
-        for name in ("clip_rerank", "clip_guidance_views"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_clip_sampling_values(self.clip_guidance_scale, self.clip_guidance_views, self.clip_rerank)
         for name, on in (("clip_guidance_scale", self.clip_guidance_scale > 0), ("clip_rerank", self.clip_rerank > 1)):
             if on and self.text_encoder.vision is None:
                 raise ValueError(f"{name} needs a CLIP with an image tower; this text encoder has none")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..clip.model import CLIP
 from ..data.images import to_pil_images
-from ..diffusion.guidance import clip_guidance, clip_score, guided_model_fn
+from ..diffusion.guidance import check_clip_sampling_values, clip_guidance, clip_score, guided_model_fn
 from ..diffusion.samplers import ModelFn, SamplerConfig, checked_interval, sample_loop
 from ..diffusion.text2img import TextToImage, tokenize_prompts
 from ..errors import UserError
@@ -109,8 +109,10 @@ class TextToImagePipeline:
             clip_rerank = config.clip_rerank
         if clip_guidance_views is None:
             clip_guidance_views = config.clip_guidance_views
-        if isinstance(clip_rerank, bool) or not isinstance(clip_rerank, int) or clip_rerank < 1:
-            raise UserError(f"clip_rerank must be an integer >= 1 (candidates per image), got {clip_rerank!r}")
+        try:
+            check_clip_sampling_values(clip_rerank=clip_rerank)
+        except ValueError as error:
+            raise UserError(f"{error} (candidates per image)") from None
         if clip_rerank > 1 and latents is not None:
             raise UserError("latents fix each image's noise, clip_rerank draws several candidates per image: give one "
                             "or the other")
@@ -139,9 +141,12 @@ class TextToImagePipeline:
                                    interval=guidance_interval, rescale=guidance_rescale)
         if dtype != torch.float32:
             model_fn = _in_dtype(model_fn, dtype)
+        clip_text = None  # the CLIP's embeddings of the prompts, for CLIP guidance and reranking
+        if clip_guidance_scale > 0 or clip_rerank > 1:
+            clip_tokens = tokenize_prompts(batch, self.clip.config.text.context_length).to(device)
+            clip_text = self.clip.encode_text(clip_tokens)
         if clip_guidance_scale > 0:
-            tokens = tokenize_prompts(batch, self.clip.config.text.context_length).to(device)
-            score = clip_score(self.clip, self.clip.encode_text(tokens), views=clip_guidance_views,
+            score = clip_score(self.clip, clip_text, views=clip_guidance_views,
                                generator=torch.Generator().manual_seed(seed))
             clip_dtype = next(self.clip.parameters()).dtype
             model_fn = clip_guidance(model_fn, config.schedule,
@@ -153,18 +158,16 @@ class TextToImagePipeline:
                               generator=torch.Generator().manual_seed(seed))
         images = model.decode_samples(samples.to(dtype)).float()
         if clip_rerank > 1:
-            images = self._best_candidates(images, batch, clip_rerank)
+            images = self._best_candidates(images, clip_text, clip_rerank)
         if output_type == "pt":  # diffusers' name: the images as a tensor (batch, 3, H, W) in [-1, 1]
             return images.clamp(-1, 1)
         return to_pil_images(images, "minus_one_to_one")
 
-    def _best_candidates(self, images: torch.Tensor, batch: list[str], candidates: int) -> torch.Tensor:
+    def _best_candidates(self, images: torch.Tensor, text: torch.Tensor, candidates: int) -> torch.Tensor:
         """Of each run of `candidates` images (one image's candidates), the one whose CLIP image embedding matches
-        its prompt best."""
-        clip = self.clip
-        tokens = tokenize_prompts(batch, clip.config.text.context_length).to(images.device)
-        clip_dtype = next(clip.parameters()).dtype
-        scores = clip_score(clip, clip.encode_text(tokens))(images.clamp(-1, 1).to(clip_dtype))
+        its prompt's CLIP text embedding (`text`, one per image) best."""
+        clip_dtype = next(self.clip.parameters()).dtype
+        scores = clip_score(self.clip, text)(images.clamp(-1, 1).to(clip_dtype))
         best = scores.view(-1, candidates).argmax(dim=1)
         grouped = images.view(-1, candidates, *images.shape[1:])
         return grouped[torch.arange(len(best), device=images.device), best]

@@ -20,6 +20,7 @@ from ..data.robust import robust
 from ..diffusion.decoder import UnCLIPDecoder
 from ..diffusion.objective import DecoderLoss, DecoderLossConfig
 from ..diffusion.schedule import NoiseSchedule
+from ..diffusion.text2img import CLIP_SAMPLING
 from ..diffusion.unet import UNetConfig
 from ..errors import ConfigError
 from ..pipelines.unclip import DecoderPipeline
@@ -27,7 +28,6 @@ from ..training import TrainConfig
 from ..training.trainer import process_state
 from .common import RecipeRun
 from .diffusion import (
-    CLIP_SAMPLING,
     CaptionTokens,
     DiffusionDataConfig,
     SampleGridConfig,

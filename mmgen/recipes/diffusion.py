@@ -11,7 +11,6 @@ model beside the CLIP, and the UNet learns to denoise its latents (`mmgen train 
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -22,10 +21,11 @@ from ..clip.model import CLIP
 from ..clip.preprocess import clip_input
 from ..data.images import make_grid, save_png
 from ..data.robust import collate_captions, robust
+from ..diffusion.guidance import check_clip_sampling_values
 from ..diffusion.objective import CachedLatentLoss, DenoisingLoss, DiffusionLossConfig
 from ..diffusion.samplers import SAMPLERS, check_guidance_interval
 from ..diffusion.schedule import NoiseSchedule
-from ..diffusion.text2img import TextToImage, TextToImageConfig, tokenize_prompts
+from ..diffusion.text2img import CLIP_SAMPLING, TextToImage, TextToImageConfig, tokenize_prompts
 from ..diffusion.unet import UNetConfig
 from ..diffusion.vae import VAE
 from ..errors import CheckpointError, ConfigError, UserError
@@ -126,14 +126,7 @@ class SampleGridConfig:
             raise ValueError(f"guidance_choices must be a non-empty list of scales >= 0 or null, "
                              f"got {self.guidance_choices}")
         check_guidance_interval(self.guidance_interval)
-        if self.clip_guidance_scale is not None:
-            if not (math.isfinite(self.clip_guidance_scale) and self.clip_guidance_scale >= 0):
-                raise ValueError(f"clip_guidance_scale must be a finite number >= 0 or null, got "
-                                 f"{self.clip_guidance_scale}")
-        for name in ("clip_rerank", "clip_guidance_views"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be an integer >= 1 or null, got {value!r}")
+        check_clip_sampling_values(self.clip_guidance_scale, self.clip_guidance_views, self.clip_rerank)
         for name, on in (("clip_guidance_scale", (self.clip_guidance_scale or 0) > 0),
                          ("clip_rerank", (self.clip_rerank or 1) > 1)):
             if on and self.guidance_choices:
@@ -368,9 +361,6 @@ def with_sampling_defaults(model, samples: SampleGridConfig):
     model.config.guidance_scale = samples.guidance_scale
     model.config.guidance_interval = samples.guidance_interval
     return store_clip_sampling(model, samples)
-
-
-CLIP_SAMPLING = ("clip_guidance_scale", "clip_guidance_views", "clip_rerank")
 
 
 def store_clip_sampling(model: TextToImage, samples: SampleGridConfig) -> TextToImage:

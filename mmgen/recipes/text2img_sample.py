@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..data.images import make_grid
+from ..diffusion.text2img import CLIP_SAMPLING
 from ..errors import UserError
 from ..io import write_json
 from ..pipelines.text2img import DEFAULT_GUIDANCE_SCALE, TextToImagePipeline
@@ -33,7 +34,7 @@ def sample_images(checkpoint, prompts: list[str], out_dir, *, num_images_per_pro
         record = {"checkpoint": str(checkpoint), "adapter": adapter and str(adapter),
                   "num_images_per_prompt": num_images_per_prompt, "dtype": dtype, **options,
                   "sampler": used.kind, "steps": used.steps}  # the model's stored defaults where none was given
-        for name in ("clip_guidance_scale", "clip_guidance_views", "clip_rerank"):
+        for name in CLIP_SAMPLING:
             if options.get(name) is None:
                 record[name] = getattr(stored, name)
         if options.get("guidance_scale") is None:
